@@ -1,0 +1,16 @@
+"""supsup-lite: Supermasks in Superposition (Wortsman, Ramanujan et al., NeurIPS 2020), small and fast.
+
+A SupSup model is a frozen random base network plus a bank of binary masks, one per task. The public names
+below cover the core; the notebooks import the more specialised modules by their submodule path.
+"""
+from .config import data_root, device, figures_dir, pick_scale, seed_everything
+from .data import DataNotFoundError, PermutedMNIST, RotatedMNIST, SplitMNIST, load_mnist
+from .inference import alpha_gradient, binary_search, entropy, one_shot, superfluous_logsumexp
+from .masks import (MaskBank, MaskBankError, apply_masks, init_scores, supermask_weight, threshold_supermask,
+                    topk_supermask)
+from .models import (build_model, fc_1024_1024, frozen_random_model, lenet_300_100, maskable_parameters,
+                     masked_forward, signed_constant_)
+from .superpose import superposed_weights
+from .training import evaluate, predict, train_dense, train_supermask
+
+__version__ = "0.1.0"

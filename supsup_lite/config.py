@@ -1,0 +1,104 @@
+"""Run configuration: device, seeds, data and figure folders, and the three scales of the series.
+
+Environment variables:
+  SUPSUP_DEVICE  cpu | cuda | cuda:N (default: cuda when available, else cpu)
+  SUPSUP_DATA    torchvision data root (default: <project>/data); relative paths start at the project root
+  SUPSUP_SCALE   smoke | tutorial | paper (default: tutorial)
+"""
+from __future__ import annotations
+
+import os
+import random
+import tempfile
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+import torch
+
+SCALES = ("smoke", "tutorial", "paper")
+DEFAULT_SCALE = "tutorial"
+
+
+def project_root() -> Path:
+    """The checkout holding ``pyproject.toml`` (editable install), else the current folder."""
+    here = Path(__file__).resolve().parent.parent
+    return here if (here / "pyproject.toml").exists() else Path.cwd()
+
+
+def device() -> torch.device:
+    """CUDA when available, else CPU; ``SUPSUP_DEVICE`` overrides (``cpu``, ``cuda``, ``cuda:N``)."""
+    name = os.environ.get("SUPSUP_DEVICE", "").strip()
+    if not name:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(name)
+    except RuntimeError as err:
+        raise ValueError(f"SUPSUP_DEVICE={name!r} is not a device name; use cpu, cuda or cuda:N") from err
+    if dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"SUPSUP_DEVICE={name!r}: only cpu and cuda are supported")
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"SUPSUP_DEVICE={name!r} but torch sees no CUDA GPU; unset it or use cpu")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"SUPSUP_DEVICE={name!r} but only {torch.cuda.device_count()} GPU(s) exist")
+    return dev
+
+
+def seed_everything(seed: int) -> torch.Generator:
+    """Seed Python, NumPy and torch; return a CPU ``torch.Generator`` seeded with ``seed``."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    return torch.Generator().manual_seed(seed)
+
+
+def data_root() -> Path:
+    """Dataset root from ``SUPSUP_DATA`` (default ``data/``); relative paths start at the project root."""
+    root = Path(os.environ.get("SUPSUP_DATA", "data")).expanduser()
+    return root if root.is_absolute() else (project_root() / root).resolve()
+
+
+def scale_name() -> str:
+    """The scale chosen by ``SUPSUP_SCALE`` (default ``tutorial``), validated."""
+    name = os.environ.get("SUPSUP_SCALE", DEFAULT_SCALE).strip() or DEFAULT_SCALE
+    if name not in SCALES:
+        raise ValueError(f"SUPSUP_SCALE={name!r} is not a scale; choose one of {', '.join(SCALES)}")
+    return name
+
+
+@lru_cache(maxsize=None)
+def _smoke_figures_dir() -> Path:
+    return Path(tempfile.mkdtemp(prefix="supsup_figures_"))
+
+
+def figures_dir() -> Path:
+    """``<project>/figures`` at tutorial and paper scale; a temporary folder at smoke scale (CI)."""
+    folder = _smoke_figures_dir() if scale_name() == "smoke" else project_root() / "figures"
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
+class Preset(dict):
+    """A scale's settings: a dict whose keys also read as attributes (``cfg.tasks``)."""
+
+    def __getattr__(self, key: str) -> Any:
+        try:
+            return self[key]
+        except KeyError:
+            raise AttributeError(f"preset has no setting {key!r}; it has {sorted(self)}") from None
+
+
+def pick_scale(presets: Mapping[str, Mapping[str, Any]], verbose: bool = True) -> Preset:
+    """Choose the preset of the current ``SUPSUP_SCALE``; every scale must be given. Prints the choice."""
+    missing = [s for s in SCALES if s not in presets]
+    unknown = [s for s in presets if s not in SCALES]
+    if missing or unknown:
+        raise ValueError(f"presets must have exactly the scales {SCALES}; missing {missing}, unknown {unknown}")
+    name = scale_name()
+    preset = Preset(presets[name], scale=name)
+    if verbose:
+        settings = ", ".join(f"{k}={v}" for k, v in preset.items() if k != "scale")
+        print(f"scale: {name} ({settings})")
+    return preset

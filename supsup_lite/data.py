@@ -1,0 +1,230 @@
+"""MNIST task streams held as tensors on the device: PermutedMNIST, RotatedMNIST, SplitMNIST.
+
+MNIST is read once through torchvision into a float tensor, normalised with (0.1307, 0.3081) and flattened to
+(N, 784). A task's input transform (a pixel permutation, a rotation) is applied to whole batches on the device,
+and batches are drawn by indexing with a seeded ``torch.Generator``: no per-sample PIL work in training loops.
+Task definitions follow the authors' code (PAPER.md §4).
+"""
+from __future__ import annotations
+
+import math
+from functools import lru_cache
+from typing import Iterator
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .config import data_root, device as default_device
+
+MNIST_MEAN, MNIST_STD = 0.1307, 0.3081
+IMAGE_SIDE = 28
+NUM_PIXELS = IMAGE_SIDE * IMAGE_SIDE
+
+Batch = tuple[torch.Tensor, torch.Tensor]
+
+
+class DataNotFoundError(RuntimeError):
+    """A dataset is neither under ``SUPSUP_DATA`` nor downloadable."""
+
+
+def not_found_message(dataset: str, root: object, err: Exception) -> str:
+    """The one error text for a missing dataset: where we looked and how to fix it."""
+    return (f"{dataset} is not under {root} and could not be downloaded ({type(err).__name__}: {err}). "
+            f"Point SUPSUP_DATA at a folder holding it in torchvision's layout "
+            f"(e.g. SUPSUP_DATA=../shared/data) or run once with internet access to download it there.")
+
+
+@lru_cache(maxsize=4)
+def _read_mnist(root: str, train: bool) -> Batch:
+    from torchvision.datasets import MNIST
+
+    try:
+        dataset = MNIST(root, train=train, download=True)
+    except Exception as err:  # torchvision raises RuntimeError/URLError/OSError when offline
+        raise DataNotFoundError(not_found_message("MNIST", root, err)) from err
+    images = (dataset.data.reshape(-1, NUM_PIXELS).float() / 255.0 - MNIST_MEAN) / MNIST_STD
+    return images, dataset.targets.long()
+
+
+def load_mnist(train: bool, device: torch.device | str | None = None) -> Batch:
+    """MNIST split as (images (N, 784) float32, normalised; labels (N,) int64) on ``device``."""
+    images, labels = _read_mnist(str(data_root()), train)
+    dev = torch.device(device) if device is not None else default_device()
+    return images.to(dev), labels.to(dev)
+
+
+def rotate_images(x: torch.Tensor, degrees: float, fill: float = 0.0) -> torch.Tensor:
+    """Rotate flattened square images counter-clockwise by ``degrees`` about the centre, nearest neighbour.
+
+    x: (B, side²) → (B, side²). Pixels that come from outside the image get ``fill``. Matches PIL's
+    ``rotate`` (no expand, nearest) used by the authors' RotatingMNIST.
+    """
+    side = math.isqrt(x.shape[-1])
+    if side * side != x.shape[-1]:
+        raise ValueError(f"rotate_images expects flattened square images, got {x.shape[-1]} pixels")
+    theta = math.radians(degrees)
+    cos, sin = math.cos(theta), math.sin(theta)
+    # affine_grid maps output coordinates to input ones; image y points down, so a counter-clockwise
+    # turn on screen is the inverse rotation matrix in (x, y) grid coordinates.
+    matrix = torch.tensor([[cos, -sin, 0.0], [sin, cos, 0.0]], dtype=x.dtype, device=x.device)
+    images = x.reshape(-1, 1, side, side) - fill
+    grid = F.affine_grid(matrix.expand(images.shape[0], 2, 3), list(images.shape), align_corners=False)
+    rotated = F.grid_sample(images, grid, mode="nearest", padding_mode="zeros", align_corners=False)
+    return rotated.reshape(x.shape) + fill
+
+
+class TaskStream:
+    """A sequence of MNIST tasks sharing one copy of the data on the device.
+
+    Subclasses define ``transform`` (the task's input change) and, where a task uses a subset of the images,
+    ``_task_indices``. ``num_classes`` is the number of output labels a model needs.
+    """
+
+    name = "mnist"
+    num_classes = 10
+
+    def __init__(self, num_tasks: int, device: torch.device | str | None = None) -> None:
+        if num_tasks < 1:
+            raise ValueError(f"num_tasks must be ≥ 1, got {num_tasks}")
+        self.num_tasks = num_tasks
+        self.device = torch.device(device) if device is not None else default_device()
+        self._train = load_mnist(True, self.device)
+        self._test = load_mnist(False, self.device)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(num_tasks={self.num_tasks}, device={self.device})"
+
+    def check_task(self, task: int) -> int:
+        """Return ``task`` if it is a valid task index, else raise a clear ``IndexError``."""
+        if not isinstance(task, (int, np.integer)) or isinstance(task, bool):
+            raise TypeError(f"task must be an int, got {type(task).__name__}")
+        if not 0 <= task < self.num_tasks:
+            raise IndexError(f"task {task} is out of range: {self.name} has tasks 0..{self.num_tasks - 1}")
+        return int(task)
+
+    def transform(self, task: int, x: torch.Tensor) -> torch.Tensor:
+        """Task ``task``'s input transform on a normalised batch. x: (B, 784) → (B, 784)."""
+        return x
+
+    def _task_indices(self, task: int, train: bool) -> torch.Tensor | None:
+        """Indices of the images task ``task`` uses, or None for all of them."""
+        return None
+
+    def _split(self, task: int, train: bool) -> Batch:
+        images, labels = self._train if train else self._test
+        idx = self._task_indices(self.check_task(task), train)
+        return (images, labels) if idx is None else (images[idx], labels[idx])
+
+    def test_set(self, task: int) -> Batch:
+        """Task ``task``'s whole test split: (x (N, 784), y (N,)) on the device."""
+        x, y = self._split(task, train=False)
+        return self.transform(task, x), y
+
+    def train_set(self, task: int) -> Batch:
+        """Task ``task``'s whole training split, transformed (materialises up to 188 MB)."""
+        x, y = self._split(task, train=True)
+        return self.transform(task, x), y
+
+    def num_train(self, task: int) -> int:
+        """Number of training images of task ``task``."""
+        return self._split(task, train=True)[1].shape[0]
+
+    def train_batches(self, task: int, batch_size: int = 128, num_batches: int | None = None,
+                      seed: int = 0) -> Iterator[Batch]:
+        """Shuffled training batches of task ``task``: (x (B, 784), y (B,)) on the device.
+
+        Walks whole epochs, each a fresh permutation from ``torch.Generator().manual_seed(seed)``, keeping an
+        epoch's last partial batch (as a ``DataLoader`` with ``drop_last=False``). Stops after ``num_batches``
+        batches, or after one epoch when ``num_batches`` is None.
+        """
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be ≥ 1, got {batch_size}")
+        images, labels = self._train
+        subset = self._task_indices(self.check_task(task), train=True)
+        n = labels.shape[0] if subset is None else subset.shape[0]
+        per_epoch = math.ceil(n / batch_size)
+        total = per_epoch if num_batches is None else num_batches
+        generator = torch.Generator().manual_seed(seed)
+        done = 0
+        while done < total:
+            order = torch.randperm(n, generator=generator).to(self.device)
+            if subset is not None:
+                order = subset[order]
+            for start in range(0, n, batch_size):
+                if done == total:
+                    return
+                idx = order[start:start + batch_size]
+                yield self.transform(task, images[idx]), labels[idx]
+                done += 1
+
+
+class PermutedMNIST(TaskStream):
+    """Task t permutes the pixels with ``numpy.random.RandomState(seed + t).permutation(784)``.
+
+    The permutation is applied after normalisation, as ``x[:, perm]`` (output pixel i = input pixel perm[i]).
+    Task 0 is permuted too. The paper's scripts use seed 1.
+    """
+
+    name = "PermutedMNIST"
+
+    def __init__(self, num_tasks: int, seed: int = 1, device: torch.device | str | None = None) -> None:
+        super().__init__(num_tasks, device)
+        self.seed = seed
+        self._perms: dict[int, torch.Tensor] = {}
+
+    def permutation(self, task: int) -> torch.Tensor:
+        """The pixel permutation of task ``task``: (784,) int64 on the device."""
+        task = self.check_task(task)
+        if task not in self._perms:
+            perm = np.random.RandomState(self.seed + task).permutation(NUM_PIXELS)
+            self._perms[task] = torch.from_numpy(perm).to(self.device)
+        return self._perms[task]
+
+    def transform(self, task: int, x: torch.Tensor) -> torch.Tensor:
+        return x.index_select(1, self.permutation(task))
+
+
+class RotatedMNIST(TaskStream):
+    """Task t rotates every image counter-clockwise by ``degrees · t`` (36 tasks of 10° by default)."""
+
+    name = "RotatedMNIST"
+
+    def __init__(self, num_tasks: int = 36, degrees: float = 10.0,
+                 device: torch.device | str | None = None) -> None:
+        super().__init__(num_tasks, device)
+        self.degrees = degrees
+
+    def angle(self, task: int) -> float:
+        """Rotation of task ``task`` in degrees."""
+        return self.degrees * self.check_task(task)
+
+    def transform(self, task: int, x: torch.Tensor) -> torch.Tensor:
+        background = -MNIST_MEAN / MNIST_STD  # a black pixel after normalisation
+        return rotate_images(x, self.angle(task), fill=background)
+
+
+class SplitMNIST(TaskStream):
+    """Task t holds the digits {2t, 2t+1}; labels keep their original values, so models need 10 outputs."""
+
+    name = "SplitMNIST"
+
+    def __init__(self, num_tasks: int = 5, device: torch.device | str | None = None) -> None:
+        if not 1 <= num_tasks <= 5:
+            raise ValueError(f"SplitMNIST has at most 5 tasks of two digits, got num_tasks={num_tasks}")
+        super().__init__(num_tasks, device)
+        self._indices = {
+            train: [torch.nonzero((labels // 2) == t).squeeze(1) for t in range(num_tasks)]
+            for train, (_, labels) in ((True, self._train), (False, self._test))
+        }
+
+    def digits(self, task: int) -> tuple[int, int]:
+        """The two digits of task ``task``."""
+        task = self.check_task(task)
+        return 2 * task, 2 * task + 1
+
+    def _task_indices(self, task: int, train: bool) -> torch.Tensor:
+        return self._indices[train][task]
+
+
+STREAMS = {"permuted": PermutedMNIST, "rotated": RotatedMNIST, "split": SplitMNIST}

@@ -1,0 +1,149 @@
+"""Scenario GG on SplitCIFAR100: one top-k supermask and one set of BatchNorm statistics per task.
+
+The paper's recipe (PAPER.md §3.1, ``rn18-supsup``): a frozen signed-constant GEM ResNet-18; for each task,
+scores s ~ U(±1/√fan_in), mask M = top-k(|s|) per layer with k the Erdős–Rényi density of the budget,
+straight-through gradient, Adam(lr 1e-3, weight decay 1e-4) with a cosine schedule stepped per epoch,
+250 epochs of batch 128 with crop+flip augmentation. The task is given at test time (GG): task t is
+evaluated with its own mask *and its own BatchNorm statistics*.
+"""
+from __future__ import annotations
+
+import itertools
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .cifar import SplitCIFAR100
+from .masks import Masks, MaskBank, apply_masks, init_scores, topk_supermask
+from .models import maskable_parameters
+from .resnet import ARCH, GEM_WIDTH, Buffers, batchnorm_stats, er_densities, frozen_gem_resnet18, kept_weights
+from .training import TrainHistory, evaluate, fit
+
+
+def topk_masks(scores: Masks, densities: dict[str, float]) -> Masks:
+    """Per-layer top-k supermasks M_l = top-k(|s_l|, d_l), straight-through. Float {0, 1}, shaped like s."""
+    return {name: topk_supermask(s, densities[name]) for name, s in scores.items()}
+
+
+def task_weights(model: nn.Module, masks: Masks, bn_stats: Buffers) -> dict[str, torch.Tensor]:
+    """What a task's forward swaps into ``model``: masked weights W ⊙ M plus that task's BatchNorm buffers."""
+    return {**apply_masks(model, masks), **bn_stats}
+
+
+def train_gg_task(model: nn.Module, stream: SplitCIFAR100, task: int, bn_stats: Buffers,
+                  densities: dict[str, float], epochs: int = 250, batch_size: int = 128, lr: float = 1e-3,
+                  weight_decay: float = 1e-4, seed: int = 0, progress: bool = True) -> tuple[Masks, TrainHistory]:
+    """Learn task ``task``'s top-k supermask; ``bn_stats`` (the task's BatchNorm buffers) are updated in place.
+
+    ``model`` must be frozen. Each step runs ``model`` in training mode (BatchNorm normalises with batch
+    statistics and folds them into ``bn_stats`` with momentum 0.1). Returns bool masks shaped like W and the
+    per-batch history. Passing the same ``bn_stats`` to every task reproduces the authors' shared-BN bug.
+    """
+    params = maskable_parameters(model)
+    if any(p.requires_grad for p in params.values()):
+        raise ValueError("the base network must be frozen (requires_grad=False); build it with frozen_gem_resnet18")
+    if epochs < 1:
+        raise ValueError(f"epochs must be ≥ 1, got {epochs}")
+    scores = init_scores(model, torch.Generator().manual_seed(seed))
+    optimizer = torch.optim.Adam(scores.values(), lr=lr, weight_decay=weight_decay)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs)
+    per_epoch = math.ceil(stream.num_train(task) / batch_size)
+    batches = stream.train_batches(task, batch_size, epochs * per_epoch, seed)
+
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        return torch.func.functional_call(model, task_weights(model, topk_masks(scores, densities), bn_stats), (x,))
+
+    history = TrainHistory()
+    model.train()
+    try:
+        for _ in tqdm(range(epochs), disable=not progress, desc=f"task {task}", leave=False):
+            epoch = fit(forward, scores.values(), optimizer, itertools.islice(batches, per_epoch), progress=False)
+            history.loss += epoch.loss
+            history.accuracy += epoch.accuracy
+            schedule.step()
+    finally:
+        model.eval()
+    with torch.no_grad():
+        masks = {name: m > 0 for name, m in topk_masks(scores, densities).items()}
+    return masks, history
+
+
+def evaluate_gg_task(model: nn.Module, stream: SplitCIFAR100, task: int, masks: Masks, bn_stats: Buffers,
+                     batch_size: int = 1000) -> float:
+    """Test accuracy of task ``task`` with its mask and BatchNorm statistics (model in eval mode)."""
+    if model.training:
+        raise ValueError("evaluate in eval mode: a training-mode forward would overwrite the BatchNorm statistics")
+    x, y = stream.test_set(task)
+    return evaluate(model, task_weights(model, masks, bn_stats), x, y, batch_size)
+
+
+@dataclass
+class GGResult:
+    """Outcome of a SplitCIFAR100 GG run.
+
+    accuracy[t, j]: test accuracy of task j with its mask and BN statistics after tasks 0..t were learned
+    (NaN for j > t). The diagonal is the accuracy right after training (the authors' ``results.csv``), the last
+    row the accuracy at the end (their ``adapt_results.csv``).
+    """
+
+    accuracy: np.ndarray
+    bank: MaskBank
+    bn_stats: list[Buffers]
+    densities: dict[str, float]
+    shared_batchnorm: bool
+    histories: list[TrainHistory] = field(repr=False)
+    kept_weights: int = 0
+    total_weights: int = 0
+
+    @property
+    def accuracy_after_training(self) -> np.ndarray:
+        """(T,) accuracy of each task measured right after it was trained."""
+        return np.diag(self.accuracy).copy()
+
+    @property
+    def final_accuracy(self) -> np.ndarray:
+        """(T,) accuracy of each task after all tasks were trained."""
+        return self.accuracy[-1].copy()
+
+    @property
+    def bn_bytes_per_task(self) -> int:
+        """Float32 bytes of one task's BatchNorm statistics (running mean and variance)."""
+        return sum(4 * t.numel() for n, t in self.bn_stats[0].items() if not n.endswith("num_batches_tracked"))
+
+
+def run_split_cifar100(num_tasks: int = 20, epochs: int = 250, budget: float = 16, batch_size: int = 128,
+                       lr: float = 1e-3, weight_decay: float = 1e-4, seed: int = 0, width: int = GEM_WIDTH,
+                       shared_batchnorm: bool = False, stream: SplitCIFAR100 | None = None,
+                       device: torch.device | str | None = None, progress: bool = True) -> GGResult:
+    """Scenario GG on SplitCIFAR100 with the paper's GEM ResNet-18 (rn18-supsup: 250 epochs, Adam 1e-3).
+
+    ``seed`` picks the class split (when ``stream`` is None), the base network's signs and the scores' init,
+    as one seed does in the authors' runs (they report seeds 0–4). ``budget`` is the ER budget (paper: 1–32).
+    ``shared_batchnorm=True`` gives every task the same BatchNorm buffers, the bug of the authors' first
+    releases, to show what it does. After each task every learned task is re-evaluated (``GGResult.accuracy``).
+    """
+    stream = stream if stream is not None else SplitCIFAR100(num_tasks, seed=seed, device=device)
+    if num_tasks > stream.num_tasks:
+        raise ValueError(f"num_tasks={num_tasks} but the stream has only {stream.num_tasks} tasks")
+    model = frozen_gem_resnet18(stream.num_classes, width, seed=seed, device=stream.device)
+    densities = er_densities(model, budget)
+    bank = MaskBank.for_model(model, ARCH, base_seed=seed, num_outputs=stream.num_classes)
+    shared = batchnorm_stats(model)
+    bn_stats, histories = [], []
+    accuracy = np.full((num_tasks, num_tasks), np.nan)
+    for task in tqdm(range(num_tasks), disable=not progress, desc="SplitCIFAR100 tasks"):
+        stats = shared if shared_batchnorm else batchnorm_stats(model)
+        masks, history = train_gg_task(model, stream, task, stats, densities, epochs, batch_size, lr,
+                                       weight_decay, seed=seed * 1000 + task, progress=progress)
+        bank.append(masks)
+        bn_stats.append(stats)
+        histories.append(history)
+        for j in range(task + 1):
+            accuracy[task, j] = evaluate_gg_task(model, stream, j, bank.get(j), bn_stats[j])
+    total = sum(p.numel() for p in maskable_parameters(model).values())
+    return GGResult(accuracy, bank, bn_stats, densities, shared_batchnorm, histories,
+                    kept_weights(model, densities), total)

@@ -1,0 +1,95 @@
+"""Base networks and their signed-constant freezing.
+
+A SupSup model is a frozen random base network plus masks that are *data*: the base stays a plain
+``nn.Module`` and a forward with masks swaps effective weights in through ``torch.func.functional_call``.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+from torch import nn
+from torch.func import functional_call
+
+from .config import device as default_device
+
+MASKABLE_LAYERS = (nn.Linear, nn.Conv2d)
+
+
+def _mlp(widths: list[int]) -> nn.Sequential:
+    layers: list[nn.Module] = [nn.Flatten()]
+    for i, (fan_in, fan_out) in enumerate(zip(widths[:-1], widths[1:])):
+        layers.append(nn.Linear(fan_in, fan_out, bias=False))
+        if i < len(widths) - 2:
+            layers.append(nn.ReLU())
+    return nn.Sequential(*layers)
+
+
+def lenet_300_100(num_outputs: int = 10) -> nn.Sequential:
+    """LeNet 300-100 of the paper: 784 → 300 → 100 → s, ReLU, no biases."""
+    return _mlp([784, 300, 100, num_outputs])
+
+
+def fc_1024_1024(num_outputs: int = 10) -> nn.Sequential:
+    """FC 1024-1024 of the paper: 784 → 1024 → 1024 → s, ReLU, no biases."""
+    return _mlp([784, 1024, 1024, num_outputs])
+
+
+ARCHITECTURES: dict[str, Callable[[int], nn.Module]] = {
+    "lenet_300_100": lenet_300_100,
+    "fc_1024_1024": fc_1024_1024,
+}
+
+
+def build_model(arch: str, num_outputs: int = 10) -> nn.Module:
+    """A fresh (not yet frozen) base network by name; see ``ARCHITECTURES``."""
+    if arch not in ARCHITECTURES:
+        raise ValueError(f"unknown architecture {arch!r}; choose one of {sorted(ARCHITECTURES)}")
+    if num_outputs < 1:
+        raise ValueError(f"num_outputs must be ≥ 1, got {num_outputs}")
+    return ARCHITECTURES[arch](num_outputs)
+
+
+def maskable_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
+    """The ``weight`` of every Linear / Conv2d layer, by qualified name, in module order."""
+    return {f"{name}.weight" if name else "weight": module.weight
+            for name, module in model.named_modules() if isinstance(module, MASKABLE_LAYERS)}
+
+
+def fan_in(weight: torch.Tensor) -> int:
+    """Inputs feeding one output unit: in_features, or in_channels · k_h · k_w for a conv."""
+    return math.prod(weight.shape[1:])
+
+
+def signed_constant_(model: nn.Module, generator: torch.Generator) -> nn.Module:
+    """Freeze ``model`` as the paper's signed-constant network, in place.
+
+    Every maskable weight becomes ±c with c = sqrt(2 / fan_in) (the std of Kaiming normal with ReLU gain),
+    signs drawn independently with probability ½ from ``generator``; biases are zeroed. Nothing requires grad.
+    """
+    with torch.no_grad():
+        for weight in maskable_parameters(model).values():
+            signs = torch.randint(0, 2, weight.shape, generator=generator).to(weight) * 2 - 1
+            weight.copy_(signs * math.sqrt(2.0 / fan_in(weight)))
+        for module in model.modules():
+            if isinstance(module, MASKABLE_LAYERS) and module.bias is not None:
+                module.bias.zero_()
+    model.requires_grad_(False)
+    return model
+
+
+def frozen_random_model(arch: str, num_outputs: int = 10, seed: int = 0,
+                        device: torch.device | str | None = None) -> nn.Module:
+    """``build_model`` + ``signed_constant_`` with ``torch.Generator().manual_seed(seed)``, on ``device``."""
+    model = build_model(arch, num_outputs)
+    signed_constant_(model, torch.Generator().manual_seed(seed))
+    return model.to(device if device is not None else default_device()).eval()
+
+
+def masked_forward(model: nn.Module, weights: dict[str, torch.Tensor] | None, x: torch.Tensor) -> torch.Tensor:
+    """Forward ``x`` through ``model`` with some parameters replaced by ``weights`` (e.g. W ⊙ M).
+
+    x: (B, ...) → logits (B, s). ``weights=None`` uses the model's own parameters.
+    """
+    return model(x) if not weights else functional_call(model, weights, (x,))

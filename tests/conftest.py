@@ -1,0 +1,26 @@
+"""Shared fixtures: small frozen networks and a few really trained PermutedMNIST masks (session-cached)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from supsup_lite.data import PermutedMNIST
+from supsup_lite.masks import MaskBank
+from supsup_lite.models import frozen_random_model
+from supsup_lite.training import train_supermask
+
+
+@pytest.fixture(scope="session")
+def permuted() -> PermutedMNIST:
+    return PermutedMNIST(num_tasks=5, device="cpu")
+
+
+@pytest.fixture(scope="session")
+def trained_bank(permuted: PermutedMNIST) -> tuple[torch.nn.Module, MaskBank]:
+    """LeNet 300-100 (s=10) with 4 PermutedMNIST masks, each trained for 150 batches of 128."""
+    model = frozen_random_model("lenet_300_100", 10, seed=0, device="cpu")
+    bank = MaskBank.for_model(model, "lenet_300_100", base_seed=0, num_outputs=10)
+    for task in range(4):
+        masks, _ = train_supermask(model, permuted, task, num_batches=150, seed=task, progress=False)
+        bank.append(masks)
+    return model, bank
