@@ -68,10 +68,12 @@ def rotate_images(x: torch.Tensor, degrees: float, fill: float = 0.0) -> torch.T
     # affine_grid maps output coordinates to input ones; image y points down, so a counter-clockwise
     # turn on screen is the inverse rotation matrix in (x, y) grid coordinates.
     matrix = torch.tensor([[cos, -sin, 0.0], [sin, cos, 0.0]], dtype=x.dtype, device=x.device)
-    images = x.reshape(-1, 1, side, side) - fill
-    grid = F.affine_grid(matrix.expand(images.shape[0], 2, 3), list(images.shape), align_corners=False)
-    rotated = F.grid_sample(images, grid, mode="nearest", padding_mode="zeros", align_corners=False)
-    return rotated.reshape(x.shape) + fill
+    images = x.reshape(-1, 1, side, side)
+    inside = torch.ones_like(images)  # second channel: which output pixels come from inside the image
+    grid = F.affine_grid(matrix.expand(images.shape[0], 2, 3), [images.shape[0], 2, side, side], align_corners=False)
+    rotated, valid = F.grid_sample(torch.cat([images, inside], 1), grid, mode="nearest", padding_mode="zeros",
+                                   align_corners=False).unbind(1)
+    return torch.where(valid > 0.5, rotated, torch.full_like(rotated, fill)).reshape(x.shape)
 
 
 class TaskStream:
