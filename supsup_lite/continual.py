@@ -1,0 +1,287 @@
+"""One harness for continual learning: learn tasks in order, measure every task after each one.
+
+A method is any object with
+
+* ``name: str``                                  (a label for tables and plots),
+* ``learn(task: int) -> None``                   (train on task ``task``; called once per task, in order),
+* ``predict(x: Tensor, task: int | None) -> Tensor``  (labels (N,) for inputs x (N, ...); ``task`` is the task
+  id in scenario GG and ``None`` when the harness withholds it — a method that needs it must raise),
+* optionally ``storage_bytes() -> int | None``   (what the method keeps for all tasks learned so far).
+
+Subclass :class:`ContinualMethod` to get the optional parts. :func:`run_continual` runs a method over a
+:class:`~supsup_lite.data.TaskStream` and returns a :class:`ContinualResult` whose ``accuracy[i, j]`` is the
+test accuracy of task j right after task i was learned (NaN for j > i and for rows not evaluated).
+
+Methods here: :class:`SupSupGG` (one supermask per task, the task id given), :class:`FineTuning` (one dense
+network trained task after task: it forgets) and :class:`UpperBound` (a dense network per task).
+"""
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import dataclass
+from typing import Iterable, Protocol, runtime_checkable
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .data import TaskStream
+from .masks import Masks, MaskBank, apply_masks
+from .models import build_model
+from .multitask import output_size, task_seed, train_masks_at_once
+from .storage import SEED_BYTES, dense_bytes
+from .training import predict, train_dense
+
+
+@runtime_checkable
+class Method(Protocol):
+    """What :func:`run_continual` needs from a continual-learning method."""
+
+    name: str
+
+    def learn(self, task: int) -> None: ...  # noqa: D102
+
+    def predict(self, x: torch.Tensor, task: int | None) -> torch.Tensor: ...  # noqa: D102
+
+
+class ContinualMethod:
+    """Base class for methods: holds the stream; subclasses implement ``learn`` and ``predict``."""
+
+    name = "method"
+
+    def __init__(self, stream: TaskStream) -> None:
+        self.stream = stream
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.name!r}, {self.stream!r})"
+
+    def learn(self, task: int) -> None:
+        """Train on task ``task``."""
+        raise NotImplementedError
+
+    def predict(self, x: torch.Tensor, task: int | None) -> torch.Tensor:
+        """Predicted labels (N,) for x (N, ...); ``task`` is None when the task id is withheld."""
+        raise NotImplementedError
+
+    def storage_bytes(self) -> int | None:
+        """Bytes the method keeps for every task learned so far (None: not reported)."""
+        return None
+
+
+@dataclass
+class ContinualResult:
+    """What :func:`run_continual` measured.
+
+    accuracy: (T, T), accuracy[i, j] = test accuracy of task j after learning tasks 0..i (NaN if j > i or row i
+    was not evaluated). learn_seconds: (T,) wall time of each ``learn``. storage: (T,) bytes after each task
+    (NaN when the method does not report it).
+    """
+
+    name: str
+    accuracy: np.ndarray
+    learn_seconds: np.ndarray
+    storage: np.ndarray
+    task_ids: bool = True
+
+    @property
+    def num_tasks(self) -> int:
+        """T, the tasks learned."""
+        return self.accuracy.shape[0]
+
+    @property
+    def evaluated_rows(self) -> list[int]:
+        """Rows i where the tasks 0..i were measured."""
+        return [i for i in range(self.num_tasks) if not np.isnan(self.accuracy[i, 0])]
+
+    @property
+    def average(self) -> np.ndarray:
+        """(T,) mean accuracy over the tasks learned so far, mean_{j ≤ i} accuracy[i, j] (NaN if not evaluated)."""
+        lower = np.where(np.tril(np.ones_like(self.accuracy, dtype=bool)), self.accuracy, np.nan)
+        out = np.full(self.num_tasks, np.nan)
+        rows = self.evaluated_rows
+        out[rows] = np.nanmean(lower[rows], axis=1)
+        return out
+
+    @property
+    def final(self) -> np.ndarray:
+        """(T,) accuracy of every task after the last one was learned (the last row)."""
+        return self.accuracy[-1].copy()
+
+    @property
+    def just_learned(self) -> np.ndarray:
+        """(T,) accuracy of each task right after it was learned (the diagonal)."""
+        return np.diag(self.accuracy).copy()
+
+    @property
+    def forgetting(self) -> np.ndarray:
+        """(T,) for task j: best accuracy it ever had minus its final accuracy (0 = nothing forgotten)."""
+        return np.nanmax(np.where(np.tril(np.ones_like(self.accuracy, dtype=bool)), self.accuracy, np.nan),
+                         axis=0) - self.final
+
+
+def task_accuracy(method: Method, stream: TaskStream, task: int, task_ids: bool = True,
+                  test_size: int | None = None) -> float:
+    """Accuracy of ``method`` on the first ``test_size`` test examples of task ``task`` (None: all)."""
+    x, y = stream.test_set(task)
+    if test_size is not None:
+        x, y = x[:test_size], y[:test_size]
+    predicted = method.predict(x, task if task_ids else None)
+    if predicted.shape != y.shape:
+        raise ValueError(f"{method.name}.predict returned shape {tuple(predicted.shape)} for {y.shape[0]} inputs; "
+                         f"expected labels ({y.shape[0]},)")
+    return (predicted == y).float().mean().item()
+
+
+def run_continual(method: Method, stream: TaskStream, num_tasks: int | None = None, task_ids: bool = True,
+                  test_size: int | None = None, rows: Iterable[int] | None = None,
+                  progress: bool = True) -> ContinualResult:
+    """Learn tasks 0..T−1 in order with ``method``; after task i (for i in ``rows``, default all) measure
+    tasks 0..i on their test sets. Returns the accuracy matrix row by row (see :class:`ContinualResult`).
+
+    ``task_ids=False`` withholds the task at test time (``predict(x, None)``). ``test_size`` limits each
+    task's test set to its first examples (cheaper rows; None: the whole set).
+    """
+    if not isinstance(method, Method):
+        raise TypeError(f"{type(method).__name__} is not a continual method: it needs name, learn(task) and "
+                        f"predict(x, task)")
+    num_tasks = stream.num_tasks if num_tasks is None else num_tasks
+    if not 1 <= num_tasks <= stream.num_tasks:
+        raise ValueError(f"num_tasks must lie in 1..{stream.num_tasks} (the stream's tasks), got {num_tasks}")
+    rows = set(range(num_tasks)) if rows is None else {int(r) for r in rows}
+    bad = sorted(r for r in rows if not 0 <= r < num_tasks)
+    if bad:
+        raise ValueError(f"rows {bad} are outside 0..{num_tasks - 1}")
+    accuracy = np.full((num_tasks, num_tasks), np.nan)
+    seconds, storage = np.zeros(num_tasks), np.full(num_tasks, np.nan)
+    bar = tqdm(range(num_tasks), disable=not progress, desc=method.name, unit="task")
+    for i in bar:
+        start = time.perf_counter()
+        method.learn(i)
+        seconds[i] = time.perf_counter() - start
+        stored = method.storage_bytes() if hasattr(method, "storage_bytes") else None
+        storage[i] = np.nan if stored is None else stored
+        if i in rows:
+            accuracy[i, :i + 1] = [task_accuracy(method, stream, j, task_ids, test_size) for j in range(i + 1)]
+            bar.set_postfix(average=f"{np.mean(accuracy[i, :i + 1]):.3f}")
+    return ContinualResult(method.name, accuracy, seconds, storage, task_ids)
+
+
+# --- methods -------------------------------------------------------------------------------------------------
+
+def dense_model(arch: str, num_outputs: int = 10, seed: int = 0, device: torch.device | str | None = None) -> nn.Module:
+    """A trainable network with PyTorch's default init drawn under ``seed`` (the global RNG is left untouched)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = build_model(arch, num_outputs)
+    return model.to(device) if device is not None else model
+
+
+class SupSupGG(ContinualMethod):
+    """SupSup in scenario GG: task t learns its own supermask on the frozen ``model``; predict uses mask t.
+
+    Masks never change once learned, so nothing is forgotten. Training follows ``train_supermask`` (seed
+    ``task_seed(t, seed)``). With ``k > 1``, ``learn(t)`` trains the masks of tasks t..t+k−1 at once and
+    keeps the later ones until they are asked for: the same masks (each depends only on its own task's
+    data), ``k`` times fewer passes, but future tasks' data is read early.
+    """
+
+    name = "SupSup (GG)"
+
+    def __init__(self, model: nn.Module, stream: TaskStream, num_batches: int | None = 1000, batch_size: int = 128,
+                 lr: float = 1e-4, keep_frac: float | None = None, seed: int = 0, k: int = 1,
+                 arch: str = "model", base_seed: int = 0, progress: bool = False) -> None:
+        super().__init__(stream)
+        if k < 1:
+            raise ValueError(f"k (tasks trained at once) must be ≥ 1, got {k}")
+        self.model, self.k, self.progress = model, k, progress
+        self.settings = dict(num_batches=num_batches, batch_size=batch_size, lr=lr, keep_frac=keep_frac)
+        self.seed = seed
+        self.bank = MaskBank.for_model(model, arch, base_seed, output_size(model))
+        self.rows: dict[int, int] = {}  # task → row of the bank
+        self._ahead: dict[int, Masks] = {}
+
+    def learn(self, task: int) -> None:  # noqa: D102
+        task = self.stream.check_task(task)
+        if task in self.rows:
+            raise ValueError(f"task {task} was already learned; GG masks are learned once")
+        if task not in self._ahead:
+            chunk = [t for t in range(task, min(task + self.k, self.stream.num_tasks))
+                     if t not in self.rows and t not in self._ahead]
+            masks = train_masks_at_once(self.model, self.stream, chunk, seeds=[task_seed(t, self.seed) for t in chunk],
+                                        progress=self.progress, **self.settings)
+            self._ahead.update(zip(chunk, masks))
+        self.rows[task] = self.bank.append(self._ahead.pop(task))
+
+    def masked_weights(self, task: int) -> dict[str, torch.Tensor]:
+        """W ⊙ M_task for every masked parameter."""
+        if task not in self.rows:
+            raise KeyError(f"task {task} has no mask yet; learned tasks: {sorted(self.rows)}")
+        return apply_masks(self.model, self.bank.get(self.rows[task]))
+
+    def predict(self, x: torch.Tensor, task: int | None) -> torch.Tensor:  # noqa: D102
+        if task is None:
+            raise ValueError("SupSup in scenario GG needs the task id; without it, infer the task (notebook 03)")
+        return predict(self.model, self.masked_weights(task), x)
+
+    def storage_bytes(self) -> int:
+        """The bank (⌈P/8⌉ bytes per parameter per task) plus the base network's seed."""
+        return self.bank.nbytes + SEED_BYTES
+
+
+class FineTuning(ContinualMethod):
+    """One dense network trained on every task in turn with RMSprop(lr): the naive baseline that forgets."""
+
+    name = "fine-tuning"
+
+    def __init__(self, model: nn.Module, stream: TaskStream, num_batches: int | None = 1000, batch_size: int = 128,
+                 lr: float = 1e-4, seed: int = 0, progress: bool = False) -> None:
+        super().__init__(stream)
+        self.model = copy.deepcopy(model)
+        self.settings = dict(num_batches=num_batches, batch_size=batch_size, lr=lr, progress=progress)
+        self.seed = seed
+
+    def learn(self, task: int) -> None:  # noqa: D102
+        train_dense(self.model, self.stream, task, seed=task_seed(task, self.seed), **self.settings)
+
+    def predict(self, x: torch.Tensor, task: int | None) -> torch.Tensor:  # noqa: D102
+        return predict(self.model, None, x)
+
+    def storage_bytes(self) -> int:
+        """One fp32 model, whatever the number of tasks."""
+        return dense_bytes(self.model)
+
+
+class UpperBound(ContinualMethod):
+    """A dense network per task (needs the task id). As in the paper, the network for task i starts from the
+    one of task i−1 (``from_previous=True``: its trunk has seen tasks 0..i); ``False`` starts each from ``model``.
+    """
+
+    name = "upper bound"
+
+    def __init__(self, model: nn.Module, stream: TaskStream, num_batches: int | None = 1000, batch_size: int = 128,
+                 lr: float = 1e-4, seed: int = 0, from_previous: bool = True, progress: bool = False) -> None:
+        super().__init__(stream)
+        self.initial = copy.deepcopy(model)
+        self.settings = dict(num_batches=num_batches, batch_size=batch_size, lr=lr, progress=progress)
+        self.seed, self.from_previous = seed, from_previous
+        self.models: dict[int, nn.Module] = {}
+        self._last: nn.Module | None = None
+
+    def learn(self, task: int) -> None:  # noqa: D102
+        start = self._last if self.from_previous and self._last is not None else self.initial
+        model = copy.deepcopy(start)
+        train_dense(model, self.stream, task, seed=task_seed(task, self.seed), **self.settings)
+        self.models[task] = self._last = model
+
+    def predict(self, x: torch.Tensor, task: int | None) -> torch.Tensor:  # noqa: D102
+        if task is None:
+            raise ValueError("the upper bound keeps one network per task and needs the task id")
+        if task not in self.models:
+            raise KeyError(f"task {task} has no network yet; learned tasks: {sorted(self.models)}")
+        return predict(self.models[task], None, x)
+
+    def storage_bytes(self) -> int:
+        """One fp32 model per task learned."""
+        return sum(dense_bytes(m) for m in self.models.values())
