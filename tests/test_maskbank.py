@@ -1,0 +1,235 @@
+"""MaskBank: bit-packed storage, save/load round trips, and clear errors for every kind of bad input."""
+import math
+import warnings
+
+import pytest
+import torch
+
+from supsup_lite.bits import packed_size, unpack_bits
+from supsup_lite.masks import MaskBank, MaskBankError
+from supsup_lite.models import frozen_random_model
+
+# Odd sizes on purpose: 91 and 5 weights leave padding bits in the last byte.
+SHAPES = {"layer.weight": (13, 7), "conv.weight": (4, 3, 3, 3), "head.weight": (5,)}
+
+
+def random_masks(generator: torch.Generator, density: float = 0.5) -> dict[str, torch.Tensor]:
+    return {name: torch.rand(shape, generator=generator) < density for name, shape in SHAPES.items()}
+
+
+def make_bank(num_tasks: int = 3, seed: int = 0) -> tuple[MaskBank, list[dict[str, torch.Tensor]]]:
+    generator = torch.Generator().manual_seed(seed)
+    bank = MaskBank(SHAPES, arch="toy", base_seed=7, num_outputs=5)
+    masks = [random_masks(generator, density) for density in torch.linspace(0.1, 0.9, num_tasks).tolist()]
+    for task_masks in masks:
+        bank.append(task_masks)
+    return bank, masks
+
+
+def assert_same_bank(a: MaskBank, b: MaskBank) -> None:
+    assert (a.arch, a.base_seed, a.num_outputs, len(a)) == (b.arch, b.base_seed, b.num_outputs, len(b))
+    assert a.shapes == b.shapes and a.names == b.names
+    for name in a.names:
+        assert torch.equal(a.packed(name).cpu(), b.packed(name).cpu())
+
+
+def test_get_returns_the_appended_masks_bit_for_bit():
+    bank, masks = make_bank(4)
+    assert len(bank) == 4
+    for task, task_masks in enumerate(masks):
+        got = bank.get(task, dtype=torch.bool)
+        assert set(got) == set(SHAPES)
+        for name, mask in task_masks.items():
+            assert got[name].shape == mask.shape and torch.equal(got[name], mask)
+        floats = bank.get(task)  # default float32 {0, 1}, ready for W ⊙ M
+        assert all(floats[n].dtype == torch.float32 and torch.equal(floats[n], m.float()) for n, m in task_masks.items())
+
+
+def test_append_accepts_zero_one_floats_like_bools():
+    bank, masks = make_bank(1)
+    bank.append({name: m.float() for name, m in masks[0].items()})
+    for name in SHAPES:
+        assert torch.equal(bank.packed(name)[0], bank.packed(name)[1])
+
+
+def test_nbytes_is_exactly_ceil_p_over_8_per_task_per_parameter():
+    expected_per_task = sum(math.ceil(math.prod(s) / 8) for s in SHAPES.values())  # 12 + 14 + 1 bytes
+    assert expected_per_task == 27
+    for num_tasks in (0, 1, 9, 17):  # 9 and 17 cross the growth steps of the storage
+        bank, _ = make_bank(num_tasks) if num_tasks else (MaskBank(SHAPES, "toy", 7, 5), [])
+        assert bank.bytes_per_task == expected_per_task
+        assert bank.nbytes == num_tasks * expected_per_task
+        for name, shape in SHAPES.items():
+            packed = bank.packed(name)
+            assert packed.dtype == torch.uint8 and tuple(packed.shape) == (num_tasks, packed_size(math.prod(shape)))
+
+
+def test_lenet_bank_holds_one_bit_per_weight():
+    model = frozen_random_model("lenet_300_100", 100, seed=0, device="cpu")
+    bank = MaskBank.for_model(model, "lenet_300_100", base_seed=0, num_outputs=100)
+    bank.append({name: torch.ones(p.shape, dtype=torch.bool) for name, p in model.named_parameters()})
+    assert bank.nbytes == 275_200 // 8  # PAPER.md §3.3: 275,200 mask bits per task for s = 100
+
+
+def test_padding_bits_stay_zero():
+    bank = MaskBank({"w": (5,)}, "toy", 0, 1)
+    bank.append({"w": torch.ones(5, dtype=torch.bool)})
+    assert bank.packed("w").tolist() == [[0b00011111]]
+
+
+def test_save_load_round_trip_bit_for_bit(tmp_path):
+    bank, masks = make_bank(5)
+    path = bank.save(tmp_path / "sub" / "bank.pt")
+    loaded = MaskBank.load(path)
+    assert_same_bank(bank, loaded)
+    for task, task_masks in enumerate(masks):
+        assert all(torch.equal(loaded.get(task, torch.bool)[n], m) for n, m in task_masks.items())
+    loaded.append(masks[0])  # a loaded bank keeps growing
+    assert len(loaded) == 6 and torch.equal(loaded.packed("conv.weight")[5], bank.packed("conv.weight")[0])
+    assert not list(tmp_path.rglob("*.tmp"))  # written atomically through a temporary file
+
+
+def test_save_load_round_trip_of_an_empty_bank(tmp_path):
+    bank = MaskBank(SHAPES, "toy", 7, 5)
+    assert_same_bank(bank, MaskBank.load(bank.save(tmp_path / "empty.pt")))
+
+
+@pytest.mark.xfail(strict=True, reason="masks.py: save() writes packed(name), a view whose storage has the grown "
+                                       "capacity (8, 16, 32, 64... rows), so the file holds up to 2x the bits; "
+                                       "fix: save packed(name).cpu().clone() (proposed to the lead)")
+def test_file_size_is_the_packed_bits_plus_a_constant(tmp_path):
+    sizes = {}
+    for num_tasks in (1, 40):
+        bank, _ = make_bank(num_tasks)
+        sizes[num_tasks] = bank.save(tmp_path / f"{num_tasks}.pt").stat().st_size - bank.nbytes
+    # torch's zip container aligns each stored tensor to 64 bytes: the overhead may move by < 64 per parameter
+    assert abs(sizes[40] - sizes[1]) < 64 * len(SHAPES)
+
+
+def test_bank_made_for_one_architecture_refuses_another():
+    lenet = frozen_random_model("lenet_300_100", 10, seed=0, device="cpu")
+    bank = MaskBank.for_model(lenet, "lenet_300_100", base_seed=0, num_outputs=10)
+    bank.check_compatible(frozen_random_model("lenet_300_100", 10, seed=3, device="cpu"))  # same shapes: fine
+    for other in (frozen_random_model("fc_1024_1024", 10, device="cpu"),
+                  frozen_random_model("lenet_300_100", 100, device="cpu")):  # a different head size
+        with pytest.raises(MaskBankError, match="lenet_300_100"):
+            bank.check_compatible(other)
+
+
+def test_loaded_bank_checks_the_architecture(tmp_path):
+    lenet = frozen_random_model("lenet_300_100", 10, seed=0, device="cpu")
+    bank = MaskBank.for_model(lenet, "lenet_300_100", base_seed=0, num_outputs=10)
+    loaded = MaskBank.load(bank.save(tmp_path / "lenet.pt"))
+    with pytest.raises(MaskBankError, match="but the model has"):
+        loaded.check_compatible(frozen_random_model("fc_1024_1024", 10, device="cpu"))
+
+
+@pytest.mark.parametrize("bad", [
+    {"layer.weight": torch.zeros(13, 7, dtype=torch.bool)},                                  # a parameter missing
+    {**{n: torch.zeros(s, dtype=torch.bool) for n, s in SHAPES.items()}, "extra": torch.zeros(2)},  # one too many
+    {**{n: torch.zeros(s, dtype=torch.bool) for n, s in SHAPES.items()}, "head.weight": torch.zeros(6)},  # shape
+    {**{n: torch.zeros(s, dtype=torch.bool) for n, s in SHAPES.items()}, "head.weight": torch.full((5,), 0.5)},
+])
+def test_append_refuses_masks_that_do_not_fit(bad):
+    bank, _ = make_bank(2)
+    before = {n: bank.packed(n).clone() for n in bank.names}
+    with pytest.raises(MaskBankError):
+        bank.append(bad)
+    assert len(bank) == 2 and all(torch.equal(bank.packed(n), before[n]) for n in bank.names)  # nothing half-added
+
+
+@pytest.mark.parametrize("task", [-1, 3, 100])
+def test_missing_task_is_a_clear_error(task):
+    bank, _ = make_bank(3)
+    with pytest.raises(IndexError, match=r"not in the bank: it holds tasks 0\.\.2"):
+        bank.get(task)
+
+
+def test_missing_task_in_an_empty_bank():
+    with pytest.raises(IndexError, match="the bank is empty"):
+        MaskBank(SHAPES, "toy", 7, 5).get(0)
+
+
+def test_missing_file_and_foreign_files(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no mask bank"):
+        MaskBank.load(tmp_path / "nothing.pt")
+    torch.save({"weights": torch.zeros(3)}, tmp_path / "other.pt")
+    with pytest.raises(MaskBankError, match="not a supsup-lite mask bank"):
+        MaskBank.load(tmp_path / "other.pt")
+    (tmp_path / "text.pt").write_text("hello")
+    with pytest.raises(MaskBankError, match="not a readable mask bank"):
+        MaskBank.load(tmp_path / "text.pt")
+
+
+@pytest.mark.parametrize("keep", [0.0, 0.1, 0.5, 0.9, 0.999])
+def test_truncated_file_is_refused(tmp_path, keep):
+    bank, _ = make_bank(3)
+    data = bank.save(tmp_path / "bank.pt").read_bytes()
+    (tmp_path / "cut.pt").write_bytes(data[:int(keep * len(data))])
+    with pytest.raises(MaskBankError):
+        MaskBank.load(tmp_path / "cut.pt")
+
+
+def test_corrupted_mask_byte_is_caught_by_the_checksum(tmp_path):
+    bank, _ = make_bank(3)
+    data = bytearray(bank.save(tmp_path / "bank.pt").read_bytes())
+    stored = bank.packed("conv.weight").numpy().tobytes()  # torch stores tensor bytes uncompressed
+    start = data.find(stored)
+    assert start > 0 and data.find(stored, start + 1) == -1
+    for offset in (0, len(stored) // 2, len(stored) - 1):
+        damaged = bytearray(data)
+        damaged[start + offset] ^= 0x04
+        (tmp_path / "bad.pt").write_bytes(damaged)
+        with pytest.raises(MaskBankError, match="checksum mismatch for 'conv.weight'"):
+            MaskBank.load(tmp_path / "bad.pt")
+
+
+def test_tampered_state_is_refused(tmp_path):
+    bank, _ = make_bank(2)
+    state = torch.load(bank.save(tmp_path / "bank.pt"), weights_only=True)
+    cases = {
+        "version": {**state, "version": 99},
+        "crc": {**state, "packed": {**state["packed"], "head.weight": state["packed"]["head.weight"] ^ 1}},
+        "shape": {**state, "packed": {**state["packed"], "layer.weight": state["packed"]["layer.weight"][:1]}},
+        "dtype": {**state, "packed": {**state["packed"], "head.weight": state["packed"]["head.weight"].int()}},
+    }
+    messages = {"version": "format version 99", "crc": "checksum mismatch", "shape": "expected", "dtype": "uint8"}
+    for case, bad_state in cases.items():
+        torch.save(bad_state, tmp_path / f"{case}.pt")
+        with pytest.raises(MaskBankError, match=messages[case]):
+            MaskBank.load(tmp_path / f"{case}.pt")
+
+
+def _metadata_span(data: bytes) -> range:
+    """Byte range of the pickled metadata (arch, seeds, names, shapes, counts) inside a saved bank."""
+    start, end = data.find(b"format"), data.find(b"crc32")
+    assert 0 < start < end
+    return range(start, end)
+
+
+@pytest.mark.xfail(strict=True, reason="masks.py: the CRC covers only the packed bits, and missing keys raise "
+                                       "KeyError; a flipped metadata bit can load a bank with a wrong arch, "
+                                       "seed, head size or shape (fix proposed to the lead)")
+def test_any_flipped_metadata_bit_is_refused_or_harmless(tmp_path):
+    bank, _ = make_bank(2)
+    data = bank.save(tmp_path / "bank.pt").read_bytes()
+    path = tmp_path / "flipped.pt"
+    for i in _metadata_span(data):
+        damaged = bytearray(data)
+        damaged[i] ^= 0x01
+        path.write_bytes(damaged)
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                loaded = MaskBank.load(path)
+        except MaskBankError:
+            continue
+        assert_same_bank(bank, loaded)  # a flip the format does not read (e.g. a pickle memo index)
+
+
+def test_load_onto_a_device_and_unpack_there(tmp_path):
+    bank, masks = make_bank(2)
+    loaded = MaskBank.load(bank.save(tmp_path / "bank.pt"), device="cpu")
+    assert loaded.device == torch.device("cpu")
+    packed = loaded.packed("layer.weight")
+    assert torch.equal(unpack_bits(packed, 91).view(2, 13, 7), torch.stack([m["layer.weight"] for m in masks]))
