@@ -1,0 +1,320 @@
+"""Reproducible GNu runs on PermutedMNIST: train a bank of supermasks, evaluate with the paper's protocol, resume.
+
+CLI (notebook 04 calls the same :func:`gnu_permuted_mnist`)::
+
+    python -m supsup_lite.experiments gnu_permuted_mnist --tasks 250 --model lenet_300_100 --outputs 100 \
+        --objective H,G --batches 1000 --out runs/lenet250
+
+Masks are trained K = ``save_every`` tasks at once (``multitask.train_bank``); after every K tasks the bank
+(``bank.pt``, bit-packed) and the results (``results.json``) are saved, and a re-run with the same ``--out``
+resumes from them: finished tasks are not retrained and finished checkpoints not re-evaluated.
+
+Evaluation at each checkpoint T (the authors' ``eval_ckpts``) is the paper's GNu protocol,
+``protocols.gnu_accuracy`` (PAPER.md §2.5): every learned task's test set is cut into batches of 128 (a fixed
+shuffle per task); One-Shot infers each batch's task from its first image over the T masks learned so far
+(Eq. 4, all T·⌈N/128⌉ first images in one batched pass); a correctly inferred batch is classified with its mask,
+a wrongly inferred one scores 0. Each task's GG accuracy (its own mask, task given) is measured once, when it is
+learned, as the upper bound of its GNu accuracy.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import sys
+import time
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .config import device as default_device
+from .data import PermutedMNIST
+from .inference import Objective, entropy, superfluous_logsumexp
+from .masks import MaskBank
+from .models import ARCHITECTURES, frozen_random_model
+from .multitask import train_bank
+from .protocols import gg_accuracy, gnu_accuracy
+
+OBJECTIVES: dict[str, Objective] = {"H": entropy, "G": superfluous_logsumexp}
+MODEL_ALIASES = {"lenet": "lenet_300_100", "fc1024": "fc_1024_1024"}
+REAL_CLASSES = 10          # PermutedMNIST labels: outputs beyond these are the superfluous neurons of G
+# Settings a resumed run must share with the saved one (they decide the masks or the evaluation).
+FIXED_SETTINGS = ("model", "outputs", "batches", "batch_size", "lr", "seed", "data_seed", "save_every",
+                  "test_batch_size", "eval_seed")
+
+
+def paper_eval_ckpts(tasks: int) -> tuple[int, ...]:
+    """The authors' ``eval_ckpts`` plus the end: 10 and every fifth of the run (250 → 10, 50, 100, …, 250)."""
+    return tuple(sorted({min(10, tasks)} | {max(1, round(tasks * k / 5)) for k in range(1, 6)}))
+
+
+@dataclass(frozen=True)
+class GNuConfig:
+    """One GNu PermutedMNIST run. Defaults: the paper's LeNet 300-100 script (PAPER.md §3.2).
+
+    tasks: number of permutations learned; model: ``lenet_300_100`` | ``fc_1024_1024`` (aliases ``lenet``,
+    ``fc1024``); outputs: s, the output size (> 10 for objective G); objectives: any of ``H`` (entropy) and
+    ``G`` (superfluous logsumexp), evaluated on the same bank; batches, batch_size, lr: RMSprop training per task;
+    seed: base network seed, and task t's masks train with seed + t; data_seed: PermutedMNIST task t uses
+    ``RandomState(data_seed + t)`` (the paper's scripts: 1); test_batch_size, eval_seed: the evaluation
+    batches (task t's test images in the order ``randperm(generator=eval_seed + t)``); checkpoints: task counts
+    at which to evaluate (default :func:`paper_eval_ckpts`); save_every: K, tasks trained at once between saves.
+    """
+
+    tasks: int = 250
+    model: str = "lenet_300_100"
+    outputs: int = 100
+    objectives: tuple[str, ...] = ("H", "G")
+    batches: int = 1000
+    batch_size: int = 128
+    lr: float = 1e-4
+    seed: int = 0
+    data_seed: int = 1
+    test_batch_size: int = 128
+    eval_seed: int = 0
+    checkpoints: tuple[int, ...] | None = None
+    save_every: int = 10
+
+    def __post_init__(self) -> None:
+        set_ = lambda key, value: object.__setattr__(self, key, value)  # noqa: E731 (frozen dataclass)
+        set_("model", MODEL_ALIASES.get(self.model, self.model))
+        set_("objectives", tuple(self.objectives))
+        set_("checkpoints", tuple(sorted(set(self.checkpoints or paper_eval_ckpts(self.tasks)) | {self.tasks})))
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise ``ValueError`` naming the offending setting and what is expected."""
+        if self.model not in ARCHITECTURES:
+            raise ValueError(f"unknown model {self.model!r}; choose one of {sorted(ARCHITECTURES)} "
+                             f"(or the aliases {sorted(MODEL_ALIASES)})")
+        for key in ("tasks", "batches", "batch_size", "test_batch_size", "save_every"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"{key} must be ≥ 1, got {getattr(self, key)}")
+        if self.outputs < REAL_CLASSES:
+            raise ValueError(f"outputs must be ≥ {REAL_CLASSES} (the digit classes), got {self.outputs}")
+        unknown = [o for o in self.objectives if o not in OBJECTIVES]
+        if unknown or not self.objectives:
+            raise ValueError(f"objectives must be a non-empty subset of {sorted(OBJECTIVES)}, got {self.objectives}")
+        if "G" in self.objectives and self.outputs <= REAL_CLASSES:
+            raise ValueError(f"objective G needs superfluous outputs: outputs must be > {REAL_CLASSES}, "
+                             f"got {self.outputs} (use objective H)")
+        if not 1 <= self.checkpoints[0] <= self.checkpoints[-1] <= self.tasks:
+            raise ValueError(f"checkpoints must lie in 1..tasks={self.tasks}, got {self.checkpoints}")
+
+
+def hardware() -> dict[str, Any]:
+    """Where the run happens: device, processor, torch threads, versions."""
+    dev = default_device()
+    cpu = platform.processor() or platform.machine()
+    if Path("/proc/cpuinfo").exists():
+        names = [line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                 if line.startswith("model name")]
+        cpu = names[0] if names else cpu
+    return {"device": str(dev), "gpu": torch.cuda.get_device_name(dev) if dev.type == "cuda" else None,
+            "cpu": cpu, "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "torch": torch.__version__, "python": platform.python_version()}
+
+
+def peak_memory() -> dict[str, float]:
+    """Peak resident memory of this process (MB) and, on CUDA, peak GPU memory allocated by torch."""
+    peak = {"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    if default_device().type == "cuda":
+        peak["peak_gpu_mb"] = torch.cuda.max_memory_allocated() / 2**20
+    return peak
+
+
+class GNuRun:
+    """The state of one run: frozen model, task stream, mask bank, results (JSON-ready).
+
+    With ``out`` set, everything is saved there and an existing run in ``out`` is resumed.
+    """
+
+    def __init__(self, config: GNuConfig, out: str | Path | None = None, progress: bool = True) -> None:
+        self._clock = time.perf_counter()
+        self.config, self.progress = config, progress
+        self.out = Path(out) if out is not None else None
+        self.device = default_device()
+        self.model = frozen_random_model(config.model, config.outputs, config.seed, self.device)
+        self.stream = PermutedMNIST(config.tasks, seed=config.data_seed, device=self.device)
+        self.bank = MaskBank.for_model(self.model, config.model, config.seed, config.outputs)
+        self.results: dict[str, Any] = {"experiment": "gnu_permuted_mnist",
+                                        "config": json.loads(json.dumps(asdict(config))),
+                                        "hardware": hardware(), "tasks_trained": 0, "train_seconds": 0.0,
+                                        "eval_seconds": 0.0, "wall_seconds": 0.0, "train_seconds_at": {},
+                                        "gg_per_task": [], "checkpoints": [], "complete": False}
+        if self.out is not None and (self.out / "results.json").exists():
+            self._resume()
+
+    # --- files ------------------------------------------------------------------------------------
+    def _resume(self) -> None:
+        saved = json.loads((self.out / "results.json").read_text())
+        differ = {k: (saved["config"].get(k), getattr(self.config, k)) for k in FIXED_SETTINGS
+                  if saved["config"].get(k) != getattr(self.config, k)}
+        if differ:
+            raise ValueError(f"{self.out} holds a run with other settings (saved, asked): {differ}; "
+                             f"use another --out, or delete {self.out} to start over")
+        for key in ("train_seconds", "eval_seconds", "wall_seconds", "train_seconds_at", "gg_per_task", "checkpoints"):
+            self.results[key] = saved[key]
+        self.results["hardware_history"] = saved.get("hardware_history", []) + [saved["hardware"]]
+        if (self.out / "bank.pt").exists():
+            bank = MaskBank.load(self.out / "bank.pt", self.device)
+            bank.check_compatible(self.model)
+            self.bank = bank
+            self.results["tasks_trained"] = len(bank)
+        del self.results["gg_per_task"][len(self.bank):]
+
+    def save(self) -> None:
+        """Write ``bank.pt`` and ``results.json`` (each atomically) when ``out`` is set."""
+        now = time.perf_counter()
+        self.results["wall_seconds"] += now - self._clock
+        self._clock = now
+        self.results["complete"] = all(self.result(t, o) is not None
+                                       for t in self.config.checkpoints for o in self.config.objectives)
+        if self.out is None:
+            return
+        self.out.mkdir(parents=True, exist_ok=True)
+        if len(self.bank):
+            self.bank.save(self.out / "bank.pt")
+        tmp = self.out / "results.json.tmp"
+        tmp.write_text(json.dumps(self.results, indent=1))
+        tmp.replace(self.out / "results.json")
+
+    # --- training -----------------------------------------------------------------------------------
+    def chunk_ends(self, tasks: int) -> list[int]:
+        """Where training stops to save on the way to ``tasks``: multiples of ``save_every`` and checkpoints."""
+        stops = set(range(self.config.save_every, tasks, self.config.save_every)) | set(self.config.checkpoints)
+        return sorted(stop for stop in stops | {tasks} if len(self.bank) < stop <= tasks)
+
+    def train_until(self, tasks: int) -> None:
+        """Train tasks len(bank)..tasks−1, ``save_every`` at a time, saving after each chunk."""
+        c = self.config
+        for stop in self.chunk_ends(tasks):
+            start, began = len(self.bank), time.perf_counter()
+            train_bank(self.model, self.stream, stop, k=stop - start, num_batches=c.batches, batch_size=c.batch_size,
+                       lr=c.lr, seed=c.seed, bank=self.bank, progress=self.progress)
+            self.results["train_seconds"] += time.perf_counter() - began
+            self.results["train_seconds_at"][str(stop)] = self.results["train_seconds"]
+            self.results["tasks_trained"] = len(self.bank)
+            self.measure_gg()
+            self.save()
+
+    def measure_gg(self) -> None:
+        """GG accuracy (own mask, task given) of every task of this run in the bank that has none yet."""
+        known, learned = len(self.results["gg_per_task"]), min(len(self.bank), self.config.tasks)
+        if known < learned:
+            self.results["gg_per_task"] += gg_accuracy(self.model, self.bank, self.stream, range(known, learned))
+
+    # --- evaluation ---------------------------------------------------------------------------------
+    def result(self, tasks: int, objective: str) -> dict[str, Any] | None:
+        """The saved result of checkpoint ``tasks`` with ``objective``, or None."""
+        return next((r for r in self.results["checkpoints"]
+                     if r["tasks"] == tasks and r["objective"] == objective), None)
+
+    def evaluate(self, tasks: int, objective: str) -> dict[str, Any]:
+        """The GNu protocol at checkpoint ``tasks`` with ``objective``: a wrongly inferred batch scores 0."""
+        began = time.perf_counter()
+        self.measure_gg()
+        gnu = gnu_accuracy(self.model, self.bank, self.stream, batch_size=self.config.test_batch_size,
+                           objective=OBJECTIVES[objective], num_tasks=tasks, seed=self.config.eval_seed,
+                           progress=self.progress)
+        seconds = time.perf_counter() - began
+        self.results["eval_seconds"] += seconds
+        right = [sum(i == t for i in inferred) / len(inferred) for t, inferred in zip(gnu.tasks, gnu.inferred)]
+        gg = self.results["gg_per_task"][:tasks]
+        record = {"tasks": tasks, "objective": objective, "gnu_accuracy": gnu.accuracy,
+                  "task_inference_accuracy": gnu.task_accuracy, "gg_accuracy": sum(gg) / len(gg),
+                  "eval_seconds": seconds, "train_seconds": self.results["train_seconds_at"].get(str(tasks)),
+                  "wall_seconds": self.results["wall_seconds"] + time.perf_counter() - self._clock,
+                  "bank_bytes": tasks * self.bank.bytes_per_task, **peak_memory(),
+                  "per_task_gnu_accuracy": [round(v, 5) for v in gnu.per_task],
+                  "per_task_inference_accuracy": [round(v, 5) for v in right]}
+        self.results["checkpoints"].append(record)
+        self.results["checkpoints"].sort(key=lambda r: (r["objective"], r["tasks"]))
+        self.save()
+        return record
+
+
+def report_line(record: dict[str, Any]) -> str:
+    """One line per checkpoint for the console."""
+    return (f"{record['tasks']:>5} tasks, objective {record['objective']}: GNu {100 * record['gnu_accuracy']:.2f} %, "
+            f"task inference {100 * record['task_inference_accuracy']:.2f} %, GG {100 * record['gg_accuracy']:.2f} % "
+            f"(eval {record['eval_seconds']:.1f} s, wall {record['wall_seconds']:.0f} s)")
+
+
+def gnu_permuted_mnist(config: GNuConfig, out: str | Path | None = None, progress: bool = True) -> dict[str, Any]:
+    """Run (or resume, when ``out`` holds a saved run) GNu PermutedMNIST; return the results dict.
+
+    For each checkpoint T in order: train up to T tasks (K = ``save_every`` at a time, saving as it goes), then
+    evaluate every objective not yet evaluated at T. The dict is what ``out/results.json`` holds: ``config``,
+    ``hardware``, ``train_seconds``, ``eval_seconds``, ``wall_seconds`` (summed over resumed sessions) and
+    ``checkpoints``: one record per (T, objective) with ``gnu_accuracy``, ``task_inference_accuracy``,
+    ``gg_accuracy``, per-task lists, timings, ``bank_bytes`` and peak memory.
+    """
+    run = GNuRun(config, out, progress)
+    run.save()
+    for tasks in config.checkpoints:
+        run.train_until(tasks)
+        for objective in config.objectives:
+            if run.result(tasks, objective) is None:
+                record = run.evaluate(tasks, objective)
+                if progress:
+                    tqdm.write(report_line(record))
+    run.save()
+    return run.results
+
+
+def _tuple_of(kind: type, text: str) -> tuple:
+    return tuple(kind(part) for part in text.replace(",", " ").split())
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m supsup_lite.experiments", description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="experiment", required=True)
+    gnu = commands.add_parser("gnu_permuted_mnist", help="GNu PermutedMNIST: train masks, One-Shot evaluation")
+    defaults = GNuConfig()
+    gnu.add_argument("--tasks", type=int, default=defaults.tasks)
+    gnu.add_argument("--model", default=defaults.model, help=f"{sorted(ARCHITECTURES)} or {sorted(MODEL_ALIASES)}")
+    gnu.add_argument("--outputs", type=int, default=defaults.outputs, help="output size s (G needs s > 10)")
+    gnu.add_argument("--objective", type=lambda s: _tuple_of(str, s), default=defaults.objectives,
+                     dest="objectives", help="H, G or H,G (both on the same bank)")
+    gnu.add_argument("--batches", type=int, default=defaults.batches, help="training batches per task")
+    gnu.add_argument("--batch-size", type=int, default=defaults.batch_size)
+    gnu.add_argument("--lr", type=float, default=defaults.lr)
+    gnu.add_argument("--seed", type=int, default=defaults.seed)
+    gnu.add_argument("--data-seed", type=int, default=defaults.data_seed)
+    gnu.add_argument("--eval-seed", type=int, default=defaults.eval_seed)
+    gnu.add_argument("--ckpts", type=lambda s: _tuple_of(int, s), default=None, dest="checkpoints",
+                     help="task counts to evaluate at (default: the paper's eval_ckpts)")
+    gnu.add_argument("--save-every", type=int, default=defaults.save_every,
+                     help="K: tasks trained at once and between saves")
+    gnu.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    gnu.add_argument("--out", type=Path, default=None, help="run folder (resumed when it exists)")
+    gnu.add_argument("--no-progress", action="store_true")
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    settings = {f.name: getattr(args, f.name) for f in fields(GNuConfig) if hasattr(args, f.name)}
+    try:
+        config = GNuConfig(**settings)
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    results = gnu_permuted_mnist(config, args.out, progress=not args.no_progress)
+    print(json.dumps({k: v for k, v in results.items() if k != "checkpoints"}
+                     | {"checkpoints": [{k: v for k, v in r.items() if not k.startswith("per_task")}
+                                        for r in results["checkpoints"]]}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
