@@ -3,6 +3,9 @@
 With p(α) = f(x, W ⊙ Σ_t α_t M_t) (Eq. 2), the task is the mask whose weight, when increased, lowers the
 objective most: one-shot takes argmin_t ∂H/∂α_t at α = 1/T (Eq. 4); binary search halves the candidates at
 the median gradient ⌈log₂ T⌉ times.
+
+For many images at once (:func:`alpha_gradient_each`) the gradients are exact too, without one backward per
+image: for a fully connected layer with input a and output gradient δ, ∂H/∂α_t = Σ_layers δᵀ (W ⊙ M_t) a.
 """
 from __future__ import annotations
 
@@ -12,10 +15,13 @@ import torch
 from torch import nn
 
 from .masks import MaskBank
-from .models import masked_forward
-from .superpose import check_alphas, superposed_weights
+from .models import maskable_parameters, masked_forward
+from .superpose import check_alphas, superposed_weights, unpack_float
 
 Objective = Callable[[torch.Tensor], torch.Tensor]
+
+FLOATS_PER_BLOCK = 1 << 22  # working set of the batched gradients: 4 M floats (16 MB) per block
+IMAGES_PER_PASS = 4096      # images forwarded at once by alpha_gradient_each
 
 
 def entropy(logits: torch.Tensor) -> torch.Tensor:
@@ -46,12 +52,20 @@ def uniform_alphas(bank: MaskBank, candidates: torch.Tensor | None = None) -> to
     return alphas
 
 
+def check_images(x: torch.Tensor) -> None:
+    """Raise a clear error unless ``x`` is a non-empty batch (B ≥ 1, ...): one image is ``x[:1]``."""
+    if x.dim() < 2 or x.shape[0] == 0:
+        raise ValueError(f"task inference needs a batch of images (B, ...) with B ≥ 1 (one image: x[:1]); "
+                         f"got shape {tuple(x.shape)}")
+
+
 def alpha_gradient(model: nn.Module, bank: MaskBank, x: torch.Tensor, alphas: torch.Tensor | None = None,
                    objective: Objective = entropy) -> tuple[torch.Tensor, torch.Tensor]:
     """Objective and its gradient in α: (mean_b objective(f(x_b, W ⊙ Σ α_t M_t)), ∂/∂α (T,)).
 
     x: (B, ...) one image (B = 1) or a batch; alphas: (T,), default 1/T.
     """
+    check_images(x)
     alphas = uniform_alphas(bank) if alphas is None else alphas
     check_alphas(bank, alphas)
     alphas = alphas.detach().clone().requires_grad_(True)
@@ -61,10 +75,23 @@ def alpha_gradient(model: nn.Module, bank: MaskBank, x: torch.Tensor, alphas: to
     return value.detach(), grad
 
 
-def one_shot(model: nn.Module, bank: MaskBank, x: torch.Tensor, objective: Objective = entropy) -> int:
-    """One-Shot inference: argmin_t ∂objective/∂α_t at α = 1/T, over the learned tasks only (Eq. 4)."""
-    _, grad = alpha_gradient(model, bank, x, objective=objective)
-    return int(grad.argmin())
+def first_tasks(bank: MaskBank, num_tasks: int | None) -> torch.Tensor:
+    """Task indices 0..k−1 of the first ``num_tasks`` learned tasks (all by default): (k,) int64."""
+    k = len(bank) if num_tasks is None else num_tasks
+    if not 1 <= k <= len(bank):
+        raise ValueError(f"num_tasks must lie in [1, {len(bank)}] (tasks in the bank), got {num_tasks}")
+    return torch.arange(k, device=bank.device)
+
+
+def one_shot(model: nn.Module, bank: MaskBank, x: torch.Tensor, objective: Objective = entropy,
+             num_tasks: int | None = None) -> int:
+    """One-Shot inference: argmin_t ∂objective/∂α_t at α = 1/T, over the learned tasks only (Eq. 4).
+
+    ``num_tasks``: superpose and search only the first k tasks of the bank (default all).
+    """
+    candidates = first_tasks(bank, num_tasks)
+    _, grad = alpha_gradient(model, bank, x, uniform_alphas(bank, candidates), objective)
+    return int(grad[candidates].argmin())
 
 
 def binary_search_step(grad: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
@@ -77,10 +104,138 @@ def binary_search_step(grad: torch.Tensor, candidates: torch.Tensor) -> torch.Te
     return candidates[order[: (candidates.numel() + 1) // 2]].sort().values
 
 
-def binary_search(model: nn.Module, bank: MaskBank, x: torch.Tensor, objective: Objective = entropy) -> int:
-    """Binary inference: halve the candidate tasks at the median α-gradient until one is left (⌈log₂ T⌉ steps)."""
-    candidates = torch.arange(len(bank), device=bank.device)
+def binary_search(model: nn.Module, bank: MaskBank, x: torch.Tensor, objective: Objective = entropy,
+                  num_tasks: int | None = None) -> int:
+    """Binary inference: halve the candidate tasks at the median α-gradient until one is left (⌈log₂ T⌉ steps).
+
+    Each step keeps ⌈k/2⌉ candidates, so it ends after exactly ⌈log₂ T⌉ steps, ties or not, for one image too.
+    ``num_tasks``: search only the first k tasks of the bank (default all).
+    """
+    candidates = first_tasks(bank, num_tasks)
     while candidates.numel() > 1:
         _, grad = alpha_gradient(model, bank, x, uniform_alphas(bank, candidates), objective)
         candidates = binary_search_step(grad, candidates)
     return int(candidates[0])
+
+
+# --- many images at once -------------------------------------------------------------------------------------
+def linear_layers(model: nn.Module) -> dict[str, nn.Linear]:
+    """The ``nn.Linear`` module of every maskable parameter; other maskable layers or batch norms are an error."""
+    if any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
+        raise TypeError("batched per-image gradients need images that do not interact; this model has batch norm")
+    layers = {}
+    for name in maskable_parameters(model):
+        module = model.get_submodule(name.rsplit(".", 1)[0] if "." in name else "")
+        if not isinstance(module, nn.Linear):
+            raise TypeError(f"batched per-image gradients need fully connected models; {name!r} belongs to a "
+                            f"{type(module).__name__} (use alpha_gradient image by image)")
+        layers[name] = module
+    return layers
+
+
+def is_fully_connected(model: nn.Module) -> bool:
+    """True when :func:`alpha_gradient_each` applies: every maskable layer is ``nn.Linear``, no batch norm."""
+    try:
+        linear_layers(model)
+    except TypeError:
+        return False
+    return True
+
+
+def layer_signals(model: nn.Module, weights: dict[str, torch.Tensor], x: torch.Tensor, objective: Objective,
+                  layers: dict[str, nn.Linear]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Input a (B, in) and output gradient δ = ∂(Σ_b objective_b)/∂z (B, out) of every layer, one backward."""
+    inputs, outputs = {}, {}
+
+    def record(name: str) -> Callable:
+        def hook(module: nn.Module, args: tuple, out: torch.Tensor) -> None:
+            inputs[name], outputs[name] = args[0].detach(), out
+        return hook
+
+    handles = [layer.register_forward_hook(record(name)) for name, layer in layers.items()]
+    try:
+        with torch.enable_grad():
+            x = x.detach().requires_grad_(True)  # so the first layer's output joins the graph
+            value = objective(masked_forward(model, weights, x)).sum()
+            deltas = torch.autograd.grad(value, list(outputs.values()))
+    finally:
+        for handle in handles:
+            handle.remove()
+    return {name: (inputs[name].flatten(0, -2), delta.flatten(0, -2)) for name, delta in zip(outputs, deltas)}
+
+
+def task_blocks(num_tasks: int, numel: int) -> list[tuple[int, int]]:
+    """Ranges of tasks whose unpacked float masks (block · numel numbers) fit in ``FLOATS_PER_BLOCK``."""
+    step = max(1, FLOATS_PER_BLOCK // numel)
+    return [(t, min(t + step, num_tasks)) for t in range(0, num_tasks, step)]
+
+
+def alpha_gradient_each(model: nn.Module, bank: MaskBank, x: torch.Tensor, objective: Objective = entropy,
+                        num_tasks: int | None = None, group_size: int = 1) -> torch.Tensor:
+    """∂objective/∂α at α = 1/T for every group of ``group_size`` consecutive images on its own: (N, ...) → (N/g, T).
+
+    Row i equals ``alpha_gradient(model, bank_T, x[g·i : g·(i+1)])[1]`` (the group's mean objective) over the first
+    T = ``num_tasks`` masks (default all), exactly, without one backward per group: with every layer's input a_b
+    and output gradient δ_b from one backward of Σ_b objective_b,
+
+        ∂objective_b/∂α_t = Σ_layers δ_bᵀ (W ⊙ M_t) a_b        (group_size = 1: per image, batched matmuls)
+        ∂mean_g/∂α_t     = Σ_layers ⟨(1/g) Σ_b δ_b a_bᵀ ⊙ W, M_t⟩   (groups: one matrix product with the masks)
+
+    Masks are unpacked a block of tasks at a time (``FLOATS_PER_BLOCK``). Fully connected models only.
+    """
+    check_images(x)
+    tasks = first_tasks(bank, num_tasks).numel()
+    if group_size < 1 or x.shape[0] % group_size:
+        raise ValueError(f"group_size must be ≥ 1 and divide the {x.shape[0]} images, got {group_size}")
+    bank.check_compatible(model)
+    layers = linear_layers(model)
+    params = maskable_parameters(model)
+    with torch.no_grad():
+        weights = superposed_weights(model, bank, uniform_alphas(bank, first_tasks(bank, num_tasks)))
+    largest = max(bank.numels.values())
+    groups_per_pass = (max(1, IMAGES_PER_PASS // group_size) if group_size == 1
+                       else max(1, min(IMAGES_PER_PASS // group_size, FLOATS_PER_BLOCK // largest)))
+    images_per_pass = groups_per_pass * group_size
+    grads = torch.zeros(x.shape[0] // group_size, tasks, device=x.device)
+    for start in range(0, x.shape[0], images_per_pass):
+        rows = grads[start // group_size:(start + images_per_pass) // group_size]
+        signals = layer_signals(model, weights, x[start:start + images_per_pass], objective, layers)
+        for name, (a, delta) in signals.items():
+            packed = bank.packed(name)[:tasks]
+            if group_size == 1:
+                _add_per_image(rows, a, delta, params[name], packed)
+            else:
+                _add_per_group(rows, a, delta, params[name], packed, group_size)
+    return grads
+
+
+def _add_per_image(out: torch.Tensor, a: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor,
+                   packed: torch.Tensor) -> None:
+    """out[b, t] += δ_bᵀ (W ⊙ M_t) a_b. a: (B, in), δ: (B, o), W: (o, in), packed: (T, ⌈P/8⌉) → out (B, T)."""
+    outs, ins = weight.shape
+    for t0, t1 in task_blocks(packed.shape[0], weight.numel()):
+        masked = (weight * unpack_float(packed[t0:t1], weight.numel(), weight.dtype).view(-1, outs, ins))
+        step = max(1, FLOATS_PER_BLOCK // ((t1 - t0) * outs))
+        for i in range(0, a.shape[0], step):
+            projected = (a[i:i + step] @ masked.view(-1, ins).T).view(-1, t1 - t0, outs)  # (b, Tc, o)
+            out[i:i + step, t0:t1] += (projected * delta[i:i + step, None, :]).sum(-1)
+
+
+def _add_per_group(out: torch.Tensor, a: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor,
+                   packed: torch.Tensor, group_size: int) -> None:
+    """out[i, t] += ⟨(1/g) Σ_{b ∈ group i} δ_b a_bᵀ ⊙ W, M_t⟩ for groups of g consecutive rows of a and δ."""
+    outs, ins = weight.shape
+    groups = a.shape[0] // group_size
+    outer = delta.view(groups, group_size, outs).transpose(1, 2) @ a.view(groups, group_size, ins)
+    weighted = (outer * (weight / group_size)).view(groups, -1)  # (G, P)
+    for t0, t1 in task_blocks(packed.shape[0], weight.numel()):
+        out[:, t0:t1] += weighted @ unpack_float(packed[t0:t1], weight.numel(), weight.dtype).T
+
+
+def one_shot_each(model: nn.Module, bank: MaskBank, x: torch.Tensor, objective: Objective = entropy,
+                  num_tasks: int | None = None, group_size: int = 1) -> torch.Tensor:
+    """One-Shot inference for every group of ``group_size`` images on its own: (N, ...) → tasks (N/g,) int64.
+
+    Row i equals ``one_shot(model, bank_T, x[g·i : g·(i+1)], objective)`` over the first T = ``num_tasks`` masks.
+    """
+    return alpha_gradient_each(model, bank, x, objective, num_tasks, group_size).argmin(1)

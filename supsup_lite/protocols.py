@@ -1,0 +1,182 @@
+"""Evaluation protocols of task-agnostic SupSup (PAPER.md §2.5): GG, GNs, GNu, and task-inference accuracy.
+
+* **GG** — the task is given: classify task t's test set with mask t.
+* **GNs** — infer the task once from a few test images, then classify the whole test set with the inferred mask.
+* **GNu** (the paper's protocol) — cut each task's (shuffled) test set into batches of 128; infer each batch's task
+  from its first image (or from the whole batch); classify the batch with the inferred mask. A wrongly inferred
+  batch scores 0 and the denominator is the test-set size.
+* **task-inference accuracy** — how often the inferred task is the true one, from one image or a group.
+
+One-Shot inference of many images runs batched (:func:`supsup_lite.inference.alpha_gradient_each`) for fully
+connected models, and image by image otherwise; binary search runs group by group.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterable, Literal
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .data import TaskStream
+from .inference import (Objective, alpha_gradient_each, binary_search, entropy, first_tasks, is_fully_connected,
+                        one_shot)
+from .masks import MaskBank, apply_masks
+from .training import evaluate, predict
+
+Method = Literal["one_shot", "binary"]
+METHODS = ("one_shot", "binary")
+
+
+@dataclass
+class ProtocolResult:
+    """Per-task accuracies of one protocol, the tasks they belong to, and what inference chose.
+
+    ``inferred[i]`` holds the inferred task of each inference made for ``tasks[i]`` (one per batch for GNu, one
+    for GNs, one per sample for task inference); ``task_accuracy`` is the fraction of those that are right.
+    """
+
+    tasks: list[int]
+    per_task: list[float]
+    inferred: list[list[int]]
+
+    @property
+    def accuracy(self) -> float:
+        """Mean of the per-task accuracies (the paper's average over tasks)."""
+        return sum(self.per_task) / len(self.per_task)
+
+    @property
+    def task_accuracy(self) -> float:
+        """Fraction of inferences that chose the true task."""
+        right = sum(sum(int(i == t) for i in inferred) for t, inferred in zip(self.tasks, self.inferred))
+        return right / sum(len(inferred) for inferred in self.inferred)
+
+
+def check_method(method: str) -> None:
+    """Raise a clear error unless ``method`` is a known task-inference method."""
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+
+
+def infer_tasks(model: nn.Module, bank: MaskBank, x: torch.Tensor, group_size: int = 1, method: Method = "one_shot",
+                objective: Objective = entropy, num_tasks: int | None = None) -> torch.Tensor:
+    """The inferred task of every group of ``group_size`` consecutive images: (N, ...) → (N/g,) int64.
+
+    One-Shot on a fully connected model is batched (exact); otherwise each group is inferred on its own.
+    """
+    check_method(method)
+    if group_size < 1 or x.shape[0] % group_size:
+        raise ValueError(f"group_size must be ≥ 1 and divide the {x.shape[0]} images, got {group_size}")
+    if method == "one_shot" and is_fully_connected(model):
+        return alpha_gradient_each(model, bank, x, objective, num_tasks, group_size).argmin(1)
+    search = one_shot if method == "one_shot" else binary_search
+    return torch.tensor([search(model, bank, x[i:i + group_size], objective, num_tasks)
+                         for i in range(0, x.shape[0], group_size)], dtype=torch.long)
+
+
+def shuffled_test_set(stream: TaskStream, task: int, seed: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Task ``task``'s test set in the order a shuffled loader would give it (``seed + task``; None: file order)."""
+    x, y = stream.test_set(task)
+    if seed is None:
+        return x, y
+    order = torch.randperm(y.shape[0], generator=torch.Generator().manual_seed(seed + task)).to(y.device)
+    return x[order], y[order]
+
+
+def task_weights(model: nn.Module, bank: MaskBank, task: int) -> dict[str, torch.Tensor]:
+    """Effective weights W ⊙ M_task of one stored task."""
+    return apply_masks(model, bank.get(task))
+
+
+def eval_tasks(bank: MaskBank, tasks: Iterable[int] | None, num_tasks: int | None) -> list[int]:
+    """The tasks to evaluate (default: all of the first ``num_tasks``), checked against the bank."""
+    known = first_tasks(bank, num_tasks).numel()
+    tasks = list(range(known)) if tasks is None else [int(t) for t in tasks]
+    bad = [t for t in tasks if not 0 <= t < known]
+    if bad or not tasks:
+        raise ValueError(f"tasks must be a non-empty list within the {known} tasks searched; bad: {bad}")
+    return tasks
+
+
+def gg_accuracy(model: nn.Module, bank: MaskBank, stream: TaskStream, tasks: Iterable[int] | None = None) -> list[float]:
+    """Scenario GG: accuracy of each task's own mask on its test set (task identity given)."""
+    return [evaluate(model, task_weights(model, bank, t), *stream.test_set(t))
+            for t in eval_tasks(bank, tasks, None)]
+
+
+def gns_accuracy(model: nn.Module, bank: MaskBank, stream: TaskStream, tasks: Iterable[int] | None = None,
+                 infer_images: int = 1, method: Method = "one_shot", objective: Objective = entropy,
+                 num_tasks: int | None = None, seed: int | None = 0) -> ProtocolResult:
+    """Scenario GNs: infer each task once from its first ``infer_images`` (shuffled) test images, then classify
+    the whole test set with the inferred mask (a wrong inference is scored with the wrong mask's accuracy)."""
+    tasks = eval_tasks(bank, tasks, num_tasks)
+    tests = [shuffled_test_set(stream, t, seed) for t in tasks]
+    x = torch.cat([xt[:infer_images] for xt, _ in tests])
+    inferred = infer_tasks(model, bank, x, infer_images, method, objective, num_tasks).tolist()
+    per_task = [evaluate(model, task_weights(model, bank, i), xt, yt) for i, (xt, yt) in zip(inferred, tests)]
+    return ProtocolResult(tasks, per_task, [[i] for i in inferred])
+
+
+def gnu_accuracy(model: nn.Module, bank: MaskBank, stream: TaskStream, tasks: Iterable[int] | None = None,
+                 batch_size: int = 128, infer_from: Literal["first", "batch"] = "first",
+                 method: Method = "one_shot", objective: Objective = entropy, num_tasks: int | None = None,
+                 seed: int | None = 0, progress: bool = False) -> ProtocolResult:
+    """The paper's GNu protocol: per task, test batches of ``batch_size`` (shuffled by ``seed + task``); the
+    task of a batch is inferred from its first image (``infer_from="first"``, the paper) or from the whole batch;
+    the batch is classified with the inferred mask, and a wrongly inferred batch scores 0. Accuracy per task =
+    correct / test-set size. ``num_tasks``: search only the first k masks of the bank (a checkpoint)."""
+    if infer_from not in ("first", "batch"):
+        raise ValueError(f"infer_from must be 'first' or 'batch', got {infer_from!r}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be ≥ 1, got {batch_size}")
+    tasks = eval_tasks(bank, tasks, num_tasks)
+    firsts, right_per_batch, chosen, sizes = [], [], [], []
+    for t in tqdm(tasks, disable=not progress, desc="GNu", leave=False):
+        x, y = shuffled_test_set(stream, t, seed)
+        # a rightly inferred batch is classified with mask t itself, so one pass with mask t scores every batch
+        right = (predict(model, task_weights(model, bank, t), x) == y).float()
+        right_per_batch.append(torch.nn.functional.pad(right, (0, -y.shape[0] % batch_size))
+                               .view(-1, batch_size).sum(1).cpu())
+        sizes.append(y.shape[0])
+        if infer_from == "first":
+            firsts.append(x[::batch_size])
+        else:
+            chosen.append(_infer_batches(model, bank, x, batch_size, method, objective, num_tasks))
+    if infer_from == "first":  # all first images at once: one pass over the bank
+        chosen = infer_tasks(model, bank, torch.cat(firsts), 1, method, objective, num_tasks).cpu()
+        chosen = list(chosen.split([f.shape[0] for f in firsts]))
+    per_task = [right[c == t].sum().item() / n for t, right, c, n in zip(tasks, right_per_batch, chosen, sizes)]
+    return ProtocolResult(tasks, per_task, [c.tolist() for c in chosen])
+
+
+def _infer_batches(model: nn.Module, bank: MaskBank, x: torch.Tensor, batch_size: int, method: Method,
+                   objective: Objective, num_tasks: int | None) -> torch.Tensor:
+    """The inferred task of each batch of ``batch_size`` consecutive images (the last may be smaller)."""
+    full = (x.shape[0] // batch_size) * batch_size
+    parts = [infer_tasks(model, bank, x[:full], batch_size, method, objective, num_tasks)] if full else []
+    if full < x.shape[0]:
+        parts.append(infer_tasks(model, bank, x[full:], x.shape[0] - full, method, objective, num_tasks))
+    return torch.cat(parts).cpu()
+
+
+def task_inference_accuracy(model: nn.Module, bank: MaskBank, stream: TaskStream,
+                            tasks: Iterable[int] | None = None, samples_per_task: int = 20, group_size: int = 1,
+                            method: Method = "one_shot", objective: Objective = entropy,
+                            num_tasks: int | None = None, seed: int = 0) -> ProtocolResult:
+    """How often inference finds the true task: for each task, ``samples_per_task`` groups of ``group_size``
+    distinct random test images (seeded by ``seed + task``), each inferred on its own. ``per_task`` holds the
+    fraction right per task."""
+    tasks = eval_tasks(bank, tasks, num_tasks)
+    inferred = []
+    for t in tasks:
+        x, _ = stream.test_set(t)
+        needed = samples_per_task * group_size
+        if needed > x.shape[0]:
+            raise ValueError(f"{samples_per_task} groups of {group_size} images need {needed} test images; "
+                             f"task {t} has {x.shape[0]}")
+        pick = torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(seed + t))[:needed]
+        inferred.append(infer_tasks(model, bank, x[pick.to(x.device)], group_size, method, objective,
+                                    num_tasks).tolist())
+    per_task = [sum(int(i == t) for i in inf) / len(inf) for t, inf in zip(tasks, inferred)]
+    return ProtocolResult(tasks, per_task, inferred)

@@ -1,0 +1,82 @@
+"""Task inference: batched per-image gradients against the one-backward-per-image loop, binary search on ties,
+and inference on really trained PermutedMNIST masks (the shared ``trained_bank`` fixture)."""
+import pytest
+import torch
+from torch import nn
+
+from supsup_lite.inference import (alpha_gradient, alpha_gradient_each, binary_search, entropy, is_fully_connected,
+                                   one_shot, one_shot_each, superfluous_logsumexp, uniform_alphas)
+from supsup_lite.masks import MaskBank
+from supsup_lite.models import frozen_random_model, maskable_parameters
+
+
+def random_bank(tasks: int, outputs: int = 20, seed: int = 0, same_masks: bool = False):
+    model = frozen_random_model("lenet_300_100", outputs, seed=0, device="cpu")
+    bank = MaskBank.for_model(model, "lenet_300_100", base_seed=0, num_outputs=outputs)
+    g = torch.Generator().manual_seed(seed)
+    masks = {n: torch.rand(p.shape, generator=g) < 0.5 for n, p in maskable_parameters(model).items()}
+    for _ in range(tasks):
+        bank.append(masks)
+        if not same_masks:
+            masks = {n: torch.rand(p.shape, generator=g) < 0.5 for n, p in maskable_parameters(model).items()}
+    return model, bank
+
+
+def g_objective(logits: torch.Tensor) -> torch.Tensor:
+    return superfluous_logsumexp(logits, 10)
+
+
+@pytest.mark.parametrize("objective", [entropy, g_objective])
+@pytest.mark.parametrize("group_size", [1, 3])
+def test_batched_gradients_equal_the_loop(objective, group_size):
+    model, bank = random_bank(6)
+    x = torch.randn(9, 784, generator=torch.Generator().manual_seed(1))
+    batched = alpha_gradient_each(model, bank, x, objective, group_size=group_size)
+    loop = torch.stack([alpha_gradient(model, bank, x[i:i + group_size], objective=objective)[1]
+                        for i in range(0, 9, group_size)])
+    torch.testing.assert_close(batched, loop, rtol=1e-4, atol=1e-6)
+
+
+def test_batched_gradients_over_the_first_tasks_only():
+    model, bank = random_bank(6)
+    x = torch.randn(4, 784, generator=torch.Generator().manual_seed(2))
+    batched = alpha_gradient_each(model, bank, x, num_tasks=4)
+    alphas = uniform_alphas(bank, torch.arange(4))
+    loop = torch.stack([alpha_gradient(model, bank, x[i:i + 1], alphas)[1][:4] for i in range(4)])
+    torch.testing.assert_close(batched, loop, rtol=1e-4, atol=1e-6)
+    assert one_shot_each(model, bank, x, num_tasks=4).tolist() == [one_shot(model, bank, x[i:i + 1], num_tasks=4)
+                                                                    for i in range(4)]
+
+
+def test_binary_search_ends_on_ties_and_single_images():
+    x = torch.randn(1, 784, generator=torch.Generator().manual_seed(3))
+    model, bank = random_bank(7, same_masks=True)  # every gradient ties (up to rounding)
+    assert 0 <= binary_search(model, bank, x) < 7
+    model, bank = random_bank(1)
+    assert binary_search(model, bank, x) == 0 and one_shot(model, bank, x) == 0
+    model, bank = random_bank(5)
+    assert 0 <= binary_search(model, bank, x) < 5
+    assert 0 <= binary_search(model, bank, x, num_tasks=3) < 3
+
+
+def test_bad_inputs_raise_clear_errors():
+    model, bank = random_bank(2)
+    with pytest.raises(ValueError, match="B ≥ 1"):
+        one_shot(model, bank, torch.zeros(0, 784))
+    with pytest.raises(ValueError, match="num_tasks"):
+        one_shot(model, bank, torch.zeros(1, 784), num_tasks=3)
+    with pytest.raises(ValueError, match="divide"):
+        alpha_gradient_each(model, bank, torch.zeros(5, 784), group_size=2)
+    conv = nn.Sequential(nn.Conv2d(1, 2, 3, bias=False), nn.Flatten(), nn.Linear(2 * 26 * 26, 10, bias=False))
+    assert not is_fully_connected(conv) and is_fully_connected(model)
+
+
+def test_one_shot_on_trained_masks(trained_bank, permuted):
+    model, bank = trained_bank
+    xs = [permuted.test_set(t)[0][:8] for t in range(len(bank))]
+    x = torch.cat(xs)
+    each = one_shot_each(model, bank, x)
+    assert each.tolist() == [one_shot(model, bank, x[i:i + 1]) for i in range(x.shape[0])]
+    truth = torch.arange(len(bank)).repeat_interleave(8)
+    assert (each == truth).float().mean() >= 0.7  # single images: 4 masks trained for 150 batches
+    assert one_shot_each(model, bank, x, group_size=8).tolist() == list(range(len(bank)))  # batches of 8
