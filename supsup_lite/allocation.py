@@ -1,0 +1,287 @@
+"""Scenario NNs: learn a stream of batches with no task ids and no announced task boundaries (PAPER.md §2.7).
+
+The learner only ever sees training batches (x, y). Every ``check_every`` batches (the paper: 100) it asks the
+masks it already has whether they know the data. With n masks superposed at α = 1/n (Eq. 2),
+
+    ν = softmax(−∂H/∂α) ∈ Δⁿ,        a new task  ⇔  n · max_t ν_t < 1 + ε        (paper: ε = 2⁻³)
+
+(ν is uniform, n·max ν = 1, when no mask lowers the entropy more than the others). On a new task it allocates
+a fresh mask, otherwise it trains the mask with the largest ν; either way that mask alone is trained (RMSprop on
+its scores) until the next check. The mask being trained takes part in every check with its current binary
+mask: the bank the check superposes is built from the current scores of all masks.
+
+Small n. For n = 1 the rule is void (ν = (1), n·max ν = 1 < 1 + ε: every check would allocate), and for a
+few masks it is noisy. The authors pad the superposition to n = max(#masks, 5) slots with the untrained
+initial masks of the next slots. We keep that padding, explicitly: while fewer than ``min_slots`` masks exist,
+the initial (untrained) masks of the next slots join the superposition as *references*. A reference is never
+trained, never stored in the bank, never chosen: if a reference wins the argmax, the data looks more like a
+random mask than like any learned one, so it is a new task (the authors' code would train that untrained slot
+without counting it, PAPER.md §7.5).
+
+Budget. At most ``budget`` masks are allocated. A check that asks for a new mask when the budget is spent
+trains nothing until the next check (the authors' behaviour, the "final dip" of their Fig. 4): old masks are
+never overwritten by data they were not chosen for. The log marks such checks ``mask=None``.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+from itertools import chain, islice
+from typing import Iterable, Iterator, Sequence
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .data import Batch, TaskStream
+from .inference import alpha_gradient, one_shot
+from .masks import Masks, MaskBank, apply_masks, init_scores, supermask_weight
+from .models import maskable_parameters, masked_forward
+from .training import Forward, fit, predict
+
+EPSILON = 2.0 ** -3
+LabelledBatch = tuple[int, torch.Tensor, torch.Tensor]
+
+
+def novelty_score(grad: torch.Tensor) -> float:
+    """n · max_t ν_t with ν = softmax(−grad). grad: (n,) = ∂H/∂α → a float in [1, n] (1: no mask stands out)."""
+    if grad.dim() != 1 or grad.numel() == 0:
+        raise ValueError(f"grad must be a non-empty vector (n,), got shape {tuple(grad.shape)}")
+    return grad.numel() * torch.softmax(-grad.double(), dim=0).max().item()
+
+
+def is_new_task(grad: torch.Tensor, epsilon: float = EPSILON) -> bool:
+    """The paper's allocation rule: n · max softmax(−∂H/∂α) < 1 + ε. grad: (n,)."""
+    return novelty_score(grad) < 1.0 + epsilon
+
+
+@dataclass(frozen=True)
+class Check:
+    """One allocation decision, taken on the first batch of a segment of ``check_every`` batches.
+
+    ``data_task`` is the hidden task of that batch: logged for evaluation, never seen by the decision.
+    ``masks`` masks existed before the decision; the superposition had ``slots`` = masks + references.
+    ``winner`` is the slot of max ν (≥ ``masks``: a reference; None at the very first check), ``score`` is
+    n·max ν with n = ``slots`` (nan at the very first check). ``mask`` is the mask trained until the next
+    check (None: a new task with the budget spent, nothing trained); ``allocated``: it was new.
+    """
+
+    batch: int
+    data_task: int
+    masks: int
+    slots: int
+    winner: int | None
+    score: float
+    mask: int | None
+    allocated: bool
+
+    def wants_new(self, epsilon: float) -> bool:
+        """Whether this check would have asked for a new mask under ``epsilon`` (same masks, same batch)."""
+        return self.winner is None or self.winner >= self.masks or self.score < 1.0 + epsilon
+
+
+class NNsLearner:
+    """Supermasks for a stream without task identity: detect new tasks from ∂H/∂α and allocate masks.
+
+    State: the real-valued scores of every allocated mask and each mask's RMSprop state (as in the authors'
+    code: O(n·P) floats for n masks of P weights), so a mask chosen again resumes where it stopped.
+    Mask t's scores start from ``init_scores`` with seed ``seed + t``; with one mask per task, a stream whose
+    i-th task draws its batches with seed ``seed + i`` therefore reproduces ``train_supermask`` bit for bit.
+    """
+
+    def __init__(self, model: nn.Module, arch: str, base_seed: int, num_outputs: int, budget: int,
+                 epsilon: float = EPSILON, check_every: int = 100, min_slots: int = 5, lr: float = 1e-4,
+                 seed: int = 0) -> None:
+        if budget < 1:
+            raise ValueError(f"budget is the most masks the learner may allocate and must be ≥ 1, got {budget}")
+        if check_every < 1:
+            raise ValueError(f"check_every is a number of batches and must be ≥ 1, got {check_every}")
+        if min_slots < 2:
+            raise ValueError(f"min_slots must be ≥ 2 (with one slot n·max ν = 1 always), got {min_slots}")
+        if not math.isfinite(epsilon) or epsilon < 0:
+            raise ValueError(f"epsilon must be a finite number ≥ 0 (n·max ν ≥ 1 always), got {epsilon}")
+        self.params = maskable_parameters(model)
+        if any(p.requires_grad for p in self.params.values()):
+            raise ValueError("the base network must be frozen (requires_grad=False); call signed_constant_ first")
+        self.model, self.arch, self.base_seed, self.num_outputs = model, arch, base_seed, num_outputs
+        MaskBank.for_model(model, arch, base_seed, num_outputs)  # fails early on a model the bank cannot hold
+        self.budget, self.epsilon, self.check_every = budget, epsilon, check_every
+        self.min_slots, self.lr, self.seed = min_slots, lr, seed
+        self.scores: list[Masks] = []
+        self.optimizers: list[torch.optim.Optimizer] = []
+        self.live: int | None = None
+        self.batches_seen = 0
+        self.log: list[Check] = []
+
+    def __len__(self) -> int:
+        return len(self.scores)
+
+    def __repr__(self) -> str:
+        return (f"NNsLearner(masks={len(self)}/{self.budget}, live={self.live}, epsilon={self.epsilon}, "
+                f"check_every={self.check_every}, batches_seen={self.batches_seen})")
+
+    # --- masks -----------------------------------------------------------------------------------
+    def initial_scores(self, slot: int) -> Masks:
+        """The scores mask ``slot`` starts from: ``init_scores`` seeded with ``seed + slot``."""
+        return init_scores(self.model, torch.Generator().manual_seed(self.seed + slot))
+
+    def bank(self, references: int = 0) -> MaskBank:
+        """The current binary masks 1[s ≥ 0] of all masks in allocation order (the live one included),
+        followed by the initial masks of the next ``references`` slots."""
+        bank = MaskBank.for_model(self.model, self.arch, self.base_seed, self.num_outputs)
+        upcoming = (self.initial_scores(len(self) + j) for j in range(references))
+        for scores in chain(self.scores, upcoming):
+            bank.append({name: s.detach() >= 0 for name, s in scores.items()})
+        return bank
+
+    def allocate(self) -> int:
+        """Start a fresh mask (scores from ``initial_scores``, its own RMSprop); returns its index."""
+        if len(self) >= self.budget:
+            raise RuntimeError(f"the mask budget of {self.budget} is spent")
+        scores = self.initial_scores(len(self))
+        self.scores.append(scores)
+        self.optimizers.append(torch.optim.RMSprop(scores.values(), lr=self.lr))
+        return len(self) - 1
+
+    # --- the decision ----------------------------------------------------------------------------
+    def detection_gradient(self, x: torch.Tensor) -> torch.Tensor:
+        """∂H/∂α at α = 1/n over the masks plus max(0, min_slots − #masks) references. x: (B, ...) → (n,)."""
+        if not self.scores:
+            raise ValueError("no mask exists yet: the first check always allocates")
+        references = max(0, self.min_slots - len(self))
+        _, grad = alpha_gradient(self.model, self.bank(references), x)
+        return grad
+
+    def check(self, x: torch.Tensor, data_task: int = -1) -> Check:
+        """Decide which mask trains on the batch x (B, ...) and the batches up to the next check, allocating
+        one if the data is new; sets ``live`` and returns the decision. ``data_task`` only goes into the log."""
+        masks = len(self)
+        winner, score, slots = None, math.nan, 0
+        if masks:
+            grad = self.detection_gradient(x)
+            winner, score, slots = int(grad.argmin()), novelty_score(grad), grad.numel()
+        decision = Check(self.batches_seen, int(data_task), masks, slots, winner, score, mask=winner, allocated=False)
+        if decision.wants_new(self.epsilon):
+            allocated = masks < self.budget
+            decision = replace(decision, mask=self.allocate() if allocated else None, allocated=allocated)
+        self.live = decision.mask
+        return decision
+
+    # --- training --------------------------------------------------------------------------------
+    def _forward(self, mask: int) -> Forward:
+        """x (B, ...) → logits (B, s) of the base network under W ⊙ 1[s ≥ 0] of mask ``mask``, straight-through."""
+        scores = self.scores[mask]
+
+        def forward(x: torch.Tensor) -> torch.Tensor:
+            weights = {name: supermask_weight(self.params[name], s) for name, s in scores.items()}
+            return masked_forward(self.model, weights, x)
+
+        return forward
+
+    def _train(self, batches: Iterator[Batch]) -> int:
+        """Train the live mask on ``batches`` (or skip them when none is live); returns how many there were."""
+        if self.live is None:
+            return sum(1 for _ in batches)
+        history = fit(self._forward(self.live), self.scores[self.live].values(), self.optimizers[self.live],
+                      batches, progress=False)
+        return len(history.loss)
+
+    def learn(self, labelled_batches: Iterable[LabelledBatch], total: int | None = None,
+              progress: bool = True) -> list[Check]:
+        """Consume a stream of (hidden task, x (B, 784), y (B,)); returns the checks made during this call.
+
+        The hidden task only goes into the log. Checks fall on every ``check_every``-th batch of the whole
+        stream, so a stream may be fed in several calls (e.g. to evaluate in between).
+        """
+        stream = iter(labelled_batches)
+        first_check = len(self.log)
+        with tqdm(total=total, disable=not progress, desc="NNs stream", leave=False) as bar:
+            while (head := next(stream, None)) is not None:
+                task, x, y = head
+                if self.batches_seen % self.check_every == 0:
+                    self.log.append(self.check(x, task))
+                segment = self.check_every - self.batches_seen % self.check_every
+                rest = ((xb, yb) for _, xb, yb in islice(stream, segment - 1))
+                done = self._train(chain([(x, y)], rest))
+                self.batches_seen += done
+                bar.update(done)
+        return self.log[first_check:]
+
+
+def task_sequence_batches(stream: TaskStream, tasks: Iterable[int], batches_per_task: int,
+                          batch_size: int = 128, seed: int = 0) -> Iterator[LabelledBatch]:
+    """The NNs training stream: the i-th entry of ``tasks`` contributes ``batches_per_task`` batches drawn with
+    seed ``seed + i`` (so a task seen twice gets fresh batches), each yielded as (task, x, y)."""
+    for i, task in enumerate(tasks):
+        for x, y in stream.train_batches(task, batch_size, batches_per_task, seed + i):
+            yield task, x, y
+
+
+def learn_tasks(learner: NNsLearner, stream: TaskStream, tasks: Sequence[int], batches_per_task: int,
+                batch_size: int = 128, seed: int = 0, snapshots: Iterable[int] = (),
+                progress: bool = True) -> dict[int, MaskBank]:
+    """Feed ``learner`` the stream of ``tasks`` (see :func:`task_sequence_batches`), one task after another.
+
+    The learner is told nothing at the boundaries; we only pause there to take ``learner.bank()`` after the
+    i-th task for every i in ``snapshots`` (1-based). Returns {i: bank after i tasks}.
+    """
+    wanted = set(snapshots)
+    outside = sorted(i for i in wanted if not 1 <= i <= len(tasks))
+    if outside or batches_per_task < 1:
+        raise ValueError(f"snapshots must lie in 1..{len(tasks)} (tasks in the stream) and batches_per_task ≥ 1; "
+                         f"got snapshots outside: {outside}, batches_per_task={batches_per_task}")
+    batches = task_sequence_batches(stream, tasks, batches_per_task, batch_size, seed)
+    banks = {}
+    for i in tqdm(range(1, len(tasks) + 1), disable=not progress, desc="NNs stream (tasks)"):
+        learner.learn(islice(batches, batches_per_task), progress=False)
+        if i in wanted:
+            banks[i] = learner.bank()
+    return banks
+
+
+def allocation_counts(log: Sequence[Check], num_tasks: int, num_masks: int) -> torch.Tensor:
+    """How many checks of each data task trained each mask: (num_tasks, num_masks) int64."""
+    counts = torch.zeros(num_tasks, num_masks, dtype=torch.int64)
+    for check in log:
+        if check.mask is not None:
+            counts[check.data_task, check.mask] += 1
+    return counts
+
+
+def one_shot_accuracy(model: nn.Module, bank: MaskBank, x: torch.Tensor, y: torch.Tensor,
+                      true_mask: int | None = None, batch_size: int = 128) -> tuple[float, list[int]]:
+    """Accuracy with One-Shot inference (H, first image of each test batch, Eq. 4), and the inferred masks.
+
+    Each batch of ``batch_size`` test images is classified with the mask one-shot infers from its first image.
+    ``true_mask=None``: shared labels (Scenario NNs, a mismatched mask index is not penalised); an int: the
+    paper's GNu protocol (a batch whose inferred mask is not ``true_mask`` scores 0).
+    x: (N, ...), y: (N,) → (accuracy in [0, 1], inferred mask per batch).
+    """
+    if x.shape[0] != y.shape[0] or x.shape[0] == 0:
+        raise ValueError(f"need as many labels as inputs (and at least one): {x.shape[0]} inputs, {y.shape[0]} labels")
+    correct, inferred = 0, []
+    for start in range(0, x.shape[0], batch_size):
+        xb, yb = x[start:start + batch_size], y[start:start + batch_size]
+        mask = one_shot(model, bank, xb[:1])
+        inferred.append(mask)
+        if true_mask is None or mask == true_mask:
+            correct += int((predict(model, apply_masks(model, bank.get(mask)), xb) == yb).sum())
+    return correct / x.shape[0], inferred
+
+
+def one_shot_accuracies(model: nn.Module, bank: MaskBank, stream: TaskStream, tasks: Iterable[int],
+                        shared_labels: bool = True, test_images: int | None = None,
+                        batch_size: int = 128) -> tuple[list[float], list[list[int]]]:
+    """:func:`one_shot_accuracy` on the first ``test_images`` test images (all: None) of each task in ``tasks``.
+
+    ``shared_labels=False`` is the GNu protocol with mask t belonging to task t. Returns (accuracy per task,
+    inferred mask per test batch per task).
+    """
+    accuracies, inferred = [], []
+    for task in tasks:
+        x, y = stream.test_set(task)
+        accuracy, masks = one_shot_accuracy(model, bank, x[:test_images], y[:test_images],
+                                            None if shared_labels else task, batch_size)
+        accuracies.append(accuracy)
+        inferred.append(masks)
+    return accuracies, inferred
