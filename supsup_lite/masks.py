@@ -1,6 +1,7 @@
 """Supermasks: score initialisation, straight-through mask functions, and the bit-packed ``MaskBank``."""
 from __future__ import annotations
 
+import json
 import math
 import zlib
 from pathlib import Path
@@ -195,20 +196,21 @@ class MaskBank:
             raise MaskBankError(f"the bank was made for {self.arch!r} with parameters {bank_shapes}, "
                                 f"but the model has {model_shapes}")
 
-    # --- files ------------------------------------------------------------------------------------
+    # --- files ---------------------------------------------------------------------------------------
+    def _metadata(self) -> dict:
+        return {"format": FORMAT_NAME, "version": FORMAT_VERSION, "arch": self.arch, "base_seed": self.base_seed,
+                "num_outputs": self.num_outputs, "num_tasks": len(self), "names": self.names,
+                "shapes": [list(self.shapes[n]) for n in self.names]}
+
     def save(self, path: str | Path) -> Path:
-        """Write the bank to one file (uint8 tensors + metadata + CRC32 per parameter)."""
-        packed = {name: self.packed(name).cpu().contiguous() for name in self.names}
-        state = {
-            "format": FORMAT_NAME, "version": FORMAT_VERSION, "arch": self.arch, "base_seed": self.base_seed,
-            "num_outputs": self.num_outputs, "num_tasks": len(self), "names": self.names,
-            "shapes": [list(self.shapes[n]) for n in self.names], "packed": packed,
-            "crc32": [zlib.crc32(packed[n].numpy().tobytes()) for n in self.names],
-        }
+        """Write the bank to one file: metadata, the packed uint8 tensors (T rows each), CRC32s of each."""
+        meta = self._metadata()
+        packed = {name: self.packed(name).cpu().clone() for name in self.names}  # clone: not the spare capacity
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(path.suffix + ".tmp")
-        torch.save(state, tmp)
+        crc32 = {"metadata": _metadata_checksum(meta), **{n: _tensor_checksum(t) for n, t in packed.items()}}
+        torch.save({**meta, "packed": packed, "crc32": crc32}, tmp)
         tmp.replace(path)
         return path
 
@@ -226,16 +228,37 @@ class MaskBank:
             raise MaskBankError(f"{path} is not a supsup-lite mask bank")
         if state.get("version") != FORMAT_VERSION:
             raise MaskBankError(f"{path} has format version {state.get('version')}, this code reads {FORMAT_VERSION}")
-        names, shapes, tasks = state["names"], state["shapes"], state["num_tasks"]
-        bank = cls(dict(zip(names, shapes)), state["arch"], state["base_seed"], state["num_outputs"], device)
-        for name, crc in zip(names, state["crc32"]):
-            packed = state["packed"][name]
-            expected = (tasks, packed_size(math.prod(bank.shapes[name])))
-            if packed.dtype != torch.uint8 or tuple(packed.shape) != expected:
-                raise MaskBankError(f"{path}: parameter {name!r} holds {tuple(packed.shape)} {packed.dtype}, "
-                                    f"expected {expected} uint8")
-            if zlib.crc32(packed.numpy().tobytes()) != crc:
+        try:
+            meta = {key: state[key] for key in _METADATA_KEYS}
+            packed = {name: state["packed"][name] for name in meta["names"]}
+            stored_crc = dict(state["crc32"])
+            metadata_intact = _metadata_checksum(meta) == stored_crc.pop("metadata")
+        except (KeyError, TypeError, AttributeError, ValueError) as err:
+            raise MaskBankError(f"{path}: the file lacks or garbles part of the bank ({err!r})") from err
+        if not metadata_intact:
+            raise MaskBankError(f"{path}: checksum mismatch in the metadata; the file is corrupted")
+        bank = cls(dict(zip(meta["names"], meta["shapes"])), meta["arch"], meta["base_seed"], meta["num_outputs"],
+                   device)
+        for name, tensor in packed.items():
+            expected = (meta["num_tasks"], packed_size(math.prod(bank.shapes[name])))
+            if not isinstance(tensor, torch.Tensor) or tensor.dtype != torch.uint8 or tuple(tensor.shape) != expected:
+                raise MaskBankError(f"{path}: parameter {name!r} holds {getattr(tensor, 'shape', tensor)} "
+                                    f"{getattr(tensor, 'dtype', '')}, expected {expected} uint8")
+            if _tensor_checksum(tensor) != stored_crc.get(name):
                 raise MaskBankError(f"{path}: checksum mismatch for {name!r}; the file is corrupted")
-            bank._storage[name] = packed.to(bank.device)
-        bank._len = tasks
+        bank._storage = {name: tensor.to(bank.device) for name, tensor in packed.items()}
+        bank._len = meta["num_tasks"]
         return bank
+
+
+_METADATA_KEYS = ("format", "version", "arch", "base_seed", "num_outputs", "num_tasks", "names", "shapes")
+
+
+def _metadata_checksum(meta: dict) -> int:
+    """CRC32 of the metadata as canonical JSON."""
+    return zlib.crc32(json.dumps(meta, sort_keys=True).encode())
+
+
+def _tensor_checksum(tensor: torch.Tensor) -> int:
+    """CRC32 of a CPU tensor's bytes."""
+    return zlib.crc32(tensor.contiguous().numpy().tobytes())
