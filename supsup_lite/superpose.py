@@ -10,7 +10,8 @@ packed bytes, never holding T float masks (the authors' code stacks all T masks 
 * backward: for every byte column j, a table G_j[v] = Σ_k bit_k(v) · g_{8j+k} of the 256 byte values (one small
   matrix product), then ∂L/∂α_t = Σ_j G_j[byte_{t,j}] by one gather per stored byte.
 
-Extra memory is a few MB per block, independent of T.
+Up to ``DENSE_MAX_TASKS`` masks are simply unpacked to floats (cheaper for few tasks). Extra memory is a few MB
+per block, independent of T.
 """
 from __future__ import annotations
 
@@ -27,6 +28,7 @@ ROWS_PER_COUNT = 127   # rows summed in one int64 pass: 127 · 1 per byte lane n
 COLUMN_BLOCK = 4096    # packed bytes per block in the forward count (a multiple of 8)
 TABLE_BLOCK = 256      # packed bytes per block in the backward gather (table: 256 × 256 values)
 GATHER_ROWS = 4096     # tasks per block in the backward gather
+DENSE_MAX_TASKS = 24   # up to this many masks, unpacking them to floats is cheaper than counting / tables
 _LANE_LOW_BITS = 0x0101010101010101  # bit 0 of each byte of an int64
 
 
@@ -66,7 +68,7 @@ def mask_counts(packed: torch.Tensor, numel: int, rows: torch.Tensor | None = No
     """
     num_rows, num_bytes = packed.shape
     rows = torch.arange(num_rows, device=packed.device) if rows is None else rows
-    counts = torch.zeros(num_bytes + 8, 8, dtype=torch.int32, device=packed.device)
+    counts = torch.zeros(8, num_bytes + 8, dtype=torch.int32, device=packed.device)  # [bit k, byte j]
     low_bits = torch.tensor(_LANE_LOW_BITS, dtype=torch.int64, device=packed.device)
     contiguous = rows.numel() == num_rows and bool((rows == torch.arange(num_rows, device=rows.device)).all())
     for start in range(0, rows.numel(), ROWS_PER_COUNT):
@@ -79,17 +81,20 @@ def mask_counts(packed: torch.Tensor, numel: int, rows: torch.Tensor | None = No
             lanes = lanes.view(torch.int64)
             for bit in range(8):
                 per_byte = torch.bitwise_and(lanes, low_bits).sum(0).view(torch.uint8)
-                counts[col:col + per_byte.numel(), bit] += per_byte
+                counts[bit, col:col + per_byte.numel()] += per_byte
                 lanes.bitwise_right_shift_(1)
-    return counts[:num_bytes].reshape(-1)[:numel]
+    return counts[:, :num_bytes].T.reshape(-1)[:numel]
 
 
 def masks_dot(packed: torch.Tensor, numel: int, vector: torch.Tensor) -> torch.Tensor:
     """Inner product of every stored mask with a vector: (⟨M_t, v⟩)_t. packed: (T, ⌈P/8⌉), vector: (P,) → (T,).
 
     Byte-table method: G_j[v] = Σ_k bit_k(v) · v_{8j+k} for all 256 byte values v, then Σ_j G_j[byte_{t,j}].
+    Up to ``DENSE_MAX_TASKS`` masks are unpacked instead (cheaper than building the tables).
     """
     num_rows, num_bytes = packed.shape
+    if num_rows <= DENSE_MAX_TASKS:
+        return unpack_float(packed, numel, vector.dtype) @ vector
     padded = torch.nn.functional.pad(vector, (0, 8 * num_bytes - numel)).view(num_bytes, 8)
     table_bits = bit_table(packed.device, vector.dtype).T  # (8, 256)
     out = torch.zeros(num_rows, dtype=vector.dtype, device=packed.device)
@@ -110,6 +115,8 @@ def superposed_mask_packed(packed: torch.Tensor, numel: int, alphas: torch.Tenso
     nonzero = torch.nonzero(alphas).squeeze(1)
     if nonzero.numel() == 0:
         return out
+    if nonzero.numel() <= DENSE_MAX_TASKS:
+        return alphas[nonzero] @ unpack_float(packed[nonzero], numel, alphas.dtype)
     values, group = torch.unique(alphas[nonzero], return_inverse=True)
     if values.numel() == 1:
         rows = nonzero if nonzero.numel() < alphas.numel() else None

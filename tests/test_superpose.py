@@ -17,13 +17,17 @@ def random_packed(tasks: int, numel: int, seed: int, device: str = "cpu", densit
     return pack_bits(torch.rand(tasks, numel, generator=g) < density).to(device)
 
 
-@pytest.fixture
-def small_blocks(monkeypatch):
-    """Tiny block sizes so that every block boundary of the kernels is crossed on small inputs."""
+@pytest.fixture(params=["blocks", "dense"])
+def small_blocks(request, monkeypatch):
+    """Both paths: counting / byte tables with tiny blocks (every block boundary crossed), or dense unpacking."""
+    if request.param == "dense":
+        monkeypatch.setattr(sp, "DENSE_MAX_TASKS", 10**9)
+        return
     monkeypatch.setattr(sp, "ROWS_PER_COUNT", 3)
     monkeypatch.setattr(sp, "COLUMN_BLOCK", 16)
     monkeypatch.setattr(sp, "TABLE_BLOCK", 5)
     monkeypatch.setattr(sp, "GATHER_ROWS", 4)
+    monkeypatch.setattr(sp, "DENSE_MAX_TASKS", 0)
 
 
 ALPHAS = {
