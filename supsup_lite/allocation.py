@@ -34,9 +34,10 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .data import Batch, TaskStream
-from .inference import alpha_gradient, one_shot
-from .masks import Masks, MaskBank, apply_masks, init_scores, supermask_weight
+from .inference import alpha_gradient
+from .masks import Masks, MaskBank, init_scores, supermask_weight
 from .models import maskable_parameters, masked_forward
+from .protocols import ProtocolResult, infer_tasks, shuffled_test_set, task_weights
 from .training import Forward, fit, predict
 
 EPSILON = 2.0 ** -3
@@ -248,40 +249,28 @@ def allocation_counts(log: Sequence[Check], num_tasks: int, num_masks: int) -> t
     return counts
 
 
-def one_shot_accuracy(model: nn.Module, bank: MaskBank, x: torch.Tensor, y: torch.Tensor,
-                      true_mask: int | None = None, batch_size: int = 128) -> tuple[float, list[int]]:
-    """Accuracy with One-Shot inference (H, first image of each test batch, Eq. 4), and the inferred masks.
+def nns_accuracy(model: nn.Module, bank: MaskBank, stream: TaskStream, tasks: Iterable[int],
+                 batch_size: int = 128, seed: int | None = 0) -> ProtocolResult:
+    """The paper's Scenario NNs evaluation: One-Shot (H) with shared labels.
 
-    Each batch of ``batch_size`` test images is classified with the mask one-shot infers from its first image.
-    ``true_mask=None``: shared labels (Scenario NNs, a mismatched mask index is not penalised); an int: the
-    paper's GNu protocol (a batch whose inferred mask is not ``true_mask`` scores 0).
-    x: (N, ...), y: (N,) → (accuracy in [0, 1], inferred mask per batch).
+    As in :func:`supsup_lite.protocols.gnu_accuracy`, each data task's test set (shuffled by ``seed + task``) is
+    cut into batches of ``batch_size``, each batch's mask is inferred from its first image and the batch is
+    classified with that mask; but a mask index that is not the task's own is not penalised (labels are shared,
+    and in NNs the learner never knew which mask "belongs" to a task). Accuracy per task = correct / test size.
+    ``tasks`` are data tasks of ``stream`` (there may be more or fewer than masks).
     """
-    if x.shape[0] != y.shape[0] or x.shape[0] == 0:
-        raise ValueError(f"need as many labels as inputs (and at least one): {x.shape[0]} inputs, {y.shape[0]} labels")
-    correct, inferred = 0, []
-    for start in range(0, x.shape[0], batch_size):
-        xb, yb = x[start:start + batch_size], y[start:start + batch_size]
-        mask = one_shot(model, bank, xb[:1])
-        inferred.append(mask)
-        if true_mask is None or mask == true_mask:
-            correct += int((predict(model, apply_masks(model, bank.get(mask)), xb) == yb).sum())
-    return correct / x.shape[0], inferred
-
-
-def one_shot_accuracies(model: nn.Module, bank: MaskBank, stream: TaskStream, tasks: Iterable[int],
-                        shared_labels: bool = True, test_images: int | None = None,
-                        batch_size: int = 128) -> tuple[list[float], list[list[int]]]:
-    """:func:`one_shot_accuracy` on the first ``test_images`` test images (all: None) of each task in ``tasks``.
-
-    ``shared_labels=False`` is the GNu protocol with mask t belonging to task t. Returns (accuracy per task,
-    inferred mask per test batch per task).
-    """
-    accuracies, inferred = [], []
-    for task in tasks:
-        x, y = stream.test_set(task)
-        accuracy, masks = one_shot_accuracy(model, bank, x[:test_images], y[:test_images],
-                                            None if shared_labels else task, batch_size)
-        accuracies.append(accuracy)
-        inferred.append(masks)
-    return accuracies, inferred
+    tasks = [stream.check_task(t) for t in tasks]
+    if not tasks or batch_size < 1:
+        raise ValueError(f"need at least one task and batch_size ≥ 1, got tasks={tasks}, batch_size={batch_size}")
+    tests = [shuffled_test_set(stream, t, seed) for t in tasks]
+    firsts = [x[::batch_size] for x, _ in tests]
+    chosen = infer_tasks(model, bank, torch.cat(firsts)).split([f.shape[0] for f in firsts])
+    per_task = []
+    for (x, y), masks in zip(tests, chosen):
+        mask_of_image = masks.to(y.device).repeat_interleave(batch_size)[: y.shape[0]]
+        correct = 0
+        for mask in masks.unique().tolist():  # one pass per distinct inferred mask
+            rows = mask_of_image == mask
+            correct += int((predict(model, task_weights(model, bank, mask), x[rows]) == y[rows]).sum())
+        per_task.append(correct / y.shape[0])
+    return ProtocolResult(tasks, per_task, [m.tolist() for m in chosen])

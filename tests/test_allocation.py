@@ -7,11 +7,12 @@ import pytest
 import torch
 
 from supsup_lite.allocation import (EPSILON, Check, NNsLearner, allocation_counts, is_new_task, learn_tasks,
-                                    novelty_score, one_shot_accuracy, task_sequence_batches)
+                                    nns_accuracy, novelty_score, task_sequence_batches)
 from supsup_lite.inference import one_shot
 from supsup_lite.masks import apply_masks
 from supsup_lite.models import frozen_random_model
-from supsup_lite.training import evaluate, train_supermask
+from supsup_lite.protocols import gnu_accuracy, shuffled_test_set
+from supsup_lite.training import predict, train_supermask
 
 ARCH, OUTPUTS, BATCHES, CHECK_EVERY = "lenet_300_100", 100, 100, 50
 
@@ -116,24 +117,35 @@ def test_task_sequence_batches_labels_and_reseeds_each_segment(permuted):
     assert torch.equal(seen[0][1], x0) and torch.equal(seen[2][1], x1)
 
 
-def test_one_shot_accuracy_matches_a_plain_loop(run, permuted):
+def test_nns_accuracy_matches_a_plain_shared_label_loop(run, permuted):
+    # Bank of 2 masks (tasks 0, 1); data task 2 has no mask of its own: shared labels still score its batches.
     model, _, banks = run
     bank = banks[2]
-    x, y = permuted.test_set(1)
-    x, y = x[:300], y[:300]
-    shared, inferred = one_shot_accuracy(model, bank, x, y, batch_size=128)
-    penalised, _ = one_shot_accuracy(model, bank, x, y, true_mask=0, batch_size=128)
-    correct, correct_if_0 = 0.0, 0.0
-    for i, start in enumerate(range(0, 300, 128)):
-        xb, yb = x[start:start + 128], y[start:start + 128]
-        task = one_shot(model, bank, xb[:1])
-        assert task == inferred[i]
-        hits = evaluate(model, apply_masks(model, bank.get(task)), xb, yb) * yb.shape[0]
-        correct += hits
-        correct_if_0 += hits if task == 0 else 0.0
-    assert inferred == [1, 1, 1]
-    assert shared == pytest.approx(correct / 300) and penalised == pytest.approx(correct_if_0 / 300)
-    assert shared > 0.8 and penalised == 0.0
+    result = nns_accuracy(model, bank, permuted, [1, 2], batch_size=1000, seed=3)
+    for task, accuracy, inferred in zip(result.tasks, result.per_task, result.inferred):
+        x, y = shuffled_test_set(permuted, task, 3)
+        correct, chosen = 0, []
+        for start in range(0, y.shape[0], 1000):
+            xb, yb = x[start:start + 1000], y[start:start + 1000]
+            mask = one_shot(model, bank, xb[:1])
+            chosen.append(mask)
+            correct += (predict(model, apply_masks(model, bank.get(mask)), xb) == yb).sum().item()
+        assert inferred == chosen
+        assert accuracy == pytest.approx(correct / y.shape[0])
+    assert result.inferred[0] == [1] * 10 and result.per_task[0] > 0.8
+
+
+def test_nns_accuracy_equals_gnu_when_every_batch_is_inferred_right_and_never_less(run, permuted):
+    model, _, banks = run
+    nns = nns_accuracy(model, banks[2], permuted, [0, 1], batch_size=500)
+    gnu = gnu_accuracy(model, banks[2], permuted, [0, 1], batch_size=500)
+    assert nns.inferred == gnu.inferred
+    for task, inferred, a_nns, a_gnu in zip(nns.tasks, nns.inferred, nns.per_task, gnu.per_task):
+        assert a_nns >= a_gnu
+        if all(mask == task for mask in inferred):
+            assert a_nns == pytest.approx(a_gnu)
+    with pytest.raises(IndexError):
+        nns_accuracy(model, banks[2], permuted, [9])
 
 
 def test_learn_tasks_rejects_snapshots_outside_the_stream(permuted):
