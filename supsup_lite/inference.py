@@ -171,12 +171,14 @@ def task_blocks(num_tasks: int, numel: int) -> list[tuple[int, int]]:
 
 
 def alpha_gradient_each(model: nn.Module, bank: MaskBank, x: torch.Tensor, objective: Objective = entropy,
-                        num_tasks: int | None = None, group_size: int = 1) -> torch.Tensor:
-    """∂objective/∂α at α = 1/T for every group of ``group_size`` consecutive images on its own: (N, ...) → (N/g, T).
+                        num_tasks: int | None = None, group_size: int = 1,
+                        candidates: torch.Tensor | None = None) -> torch.Tensor:
+    """∂objective/∂α at α uniform on the candidates, for every group of ``group_size`` consecutive images on its own.
 
-    Row i equals ``alpha_gradient(model, bank_T, x[g·i : g·(i+1)])[1]`` (the group's mean objective) over the first
-    T = ``num_tasks`` masks (default all), exactly, without one backward per group: with every layer's input a_b
-    and output gradient δ_b from one backward of Σ_b objective_b,
+    x: (N, ...) → (N/g, k): column j is ∂/∂α of task ``candidates[j]`` (default: the first ``num_tasks`` tasks,
+    all by default). Row i equals ``alpha_gradient(model, bank, x[g·i : g·(i+1)], α)[1][candidates]`` (the group's
+    mean objective), exactly, without one backward per group: with every layer's input a_b and output gradient
+    δ_b from one backward of Σ_b objective_b,
 
         ∂objective_b/∂α_t = Σ_layers δ_bᵀ (W ⊙ M_t) a_b        (group_size = 1: per image, batched matmuls)
         ∂mean_g/∂α_t     = Σ_layers ⟨(1/g) Σ_b δ_b a_bᵀ ⊙ W, M_t⟩   (groups: one matrix product with the masks)
@@ -184,37 +186,37 @@ def alpha_gradient_each(model: nn.Module, bank: MaskBank, x: torch.Tensor, objec
     Masks are unpacked a block of tasks at a time (``FLOATS_PER_BLOCK``). Fully connected models only.
     """
     check_images(x)
-    tasks = first_tasks(bank, num_tasks).numel()
+    candidates = first_tasks(bank, num_tasks) if candidates is None else candidates.to(bank.device)
     if group_size < 1 or x.shape[0] % group_size:
         raise ValueError(f"group_size must be ≥ 1 and divide the {x.shape[0]} images, got {group_size}")
     bank.check_compatible(model)
     layers = linear_layers(model)
     params = maskable_parameters(model)
     with torch.no_grad():
-        weights = superposed_weights(model, bank, uniform_alphas(bank, first_tasks(bank, num_tasks)))
+        weights = superposed_weights(model, bank, uniform_alphas(bank, candidates))
     largest = max(bank.numels.values())
     groups_per_pass = (max(1, IMAGES_PER_PASS // group_size) if group_size == 1
                        else max(1, min(IMAGES_PER_PASS // group_size, FLOATS_PER_BLOCK // largest)))
     images_per_pass = groups_per_pass * group_size
-    grads = torch.zeros(x.shape[0] // group_size, tasks, device=x.device)
+    grads = torch.zeros(x.shape[0] // group_size, candidates.numel(), device=x.device)
     for start in range(0, x.shape[0], images_per_pass):
         rows = grads[start // group_size:(start + images_per_pass) // group_size]
         signals = layer_signals(model, weights, x[start:start + images_per_pass], objective, layers)
         for name, (a, delta) in signals.items():
-            packed = bank.packed(name)[:tasks]
             if group_size == 1:
-                _add_per_image(rows, a, delta, params[name], packed)
+                _add_per_image(rows, a, delta, params[name], bank.packed(name), candidates)
             else:
-                _add_per_group(rows, a, delta, params[name], packed, group_size)
+                _add_per_group(rows, a, delta, params[name], bank.packed(name), candidates, group_size)
     return grads
 
 
 def _add_per_image(out: torch.Tensor, a: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor,
-                   packed: torch.Tensor) -> None:
-    """out[b, t] += δ_bᵀ (W ⊙ M_t) a_b. a: (B, in), δ: (B, o), W: (o, in), packed: (T, ⌈P/8⌉) → out (B, T)."""
+                   packed: torch.Tensor, tasks: torch.Tensor) -> None:
+    """out[b, j] += δ_bᵀ (W ⊙ M_t) a_b for t = tasks[j]. a: (B, in), δ: (B, o), W: (o, in), packed: (T, ⌈P/8⌉)."""
     outs, ins = weight.shape
-    for t0, t1 in task_blocks(packed.shape[0], weight.numel()):
-        masked = (weight * unpack_float(packed[t0:t1], weight.numel(), weight.dtype).view(-1, outs, ins))
+    for t0, t1 in task_blocks(tasks.numel(), weight.numel()):
+        masks = unpack_float(packed.index_select(0, tasks[t0:t1]), weight.numel(), weight.dtype)
+        masked = weight * masks.view(-1, outs, ins)
         step = max(1, FLOATS_PER_BLOCK // ((t1 - t0) * outs))
         for i in range(0, a.shape[0], step):
             projected = (a[i:i + step] @ masked.view(-1, ins).T).view(-1, t1 - t0, outs)  # (b, Tc, o)
@@ -222,14 +224,14 @@ def _add_per_image(out: torch.Tensor, a: torch.Tensor, delta: torch.Tensor, weig
 
 
 def _add_per_group(out: torch.Tensor, a: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor,
-                   packed: torch.Tensor, group_size: int) -> None:
-    """out[i, t] += ⟨(1/g) Σ_{b ∈ group i} δ_b a_bᵀ ⊙ W, M_t⟩ for groups of g consecutive rows of a and δ."""
+                   packed: torch.Tensor, tasks: torch.Tensor, group_size: int) -> None:
+    """out[i, j] += ⟨(1/g) Σ_{b ∈ group i} δ_b a_bᵀ ⊙ W, M_t⟩ (t = tasks[j]) for groups of g consecutive rows."""
     outs, ins = weight.shape
     groups = a.shape[0] // group_size
     outer = delta.view(groups, group_size, outs).transpose(1, 2) @ a.view(groups, group_size, ins)
     weighted = (outer * (weight / group_size)).view(groups, -1)  # (G, P)
-    for t0, t1 in task_blocks(packed.shape[0], weight.numel()):
-        out[:, t0:t1] += weighted @ unpack_float(packed[t0:t1], weight.numel(), weight.dtype).T
+    for t0, t1 in task_blocks(tasks.numel(), weight.numel()):
+        out[:, t0:t1] += weighted @ unpack_float(packed.index_select(0, tasks[t0:t1]), weight.numel(), weight.dtype).T
 
 
 def one_shot_each(model: nn.Module, bank: MaskBank, x: torch.Tensor, objective: Objective = entropy,
@@ -239,3 +241,29 @@ def one_shot_each(model: nn.Module, bank: MaskBank, x: torch.Tensor, objective: 
     Row i equals ``one_shot(model, bank_T, x[g·i : g·(i+1)], objective)`` over the first T = ``num_tasks`` masks.
     """
     return alpha_gradient_each(model, bank, x, objective, num_tasks, group_size).argmin(1)
+
+
+def binary_search_each(model: nn.Module, bank: MaskBank, x: torch.Tensor, objective: Objective = entropy,
+                       num_tasks: int | None = None, group_size: int = 1) -> torch.Tensor:
+    """Binary search for every group of ``group_size`` images on its own: (N, ...) → tasks (N/g,) int64.
+
+    Row i equals ``binary_search(model, bank, x[g·i : g·(i+1)], objective, num_tasks)``. Every step keeps
+    ⌈k/2⌉ candidates per group; groups that share a candidate set share one batched gradient call.
+    """
+    check_images(x)
+    if group_size < 1 or x.shape[0] % group_size:
+        raise ValueError(f"group_size must be ≥ 1 and divide the {x.shape[0]} images, got {group_size}")
+    groups = x.shape[0] // group_size
+    images = x.view(groups, group_size, *x.shape[1:])
+    alive = first_tasks(bank, num_tasks).expand(groups, -1)  # (G, k): every group's candidates, ascending
+    while alive.shape[1] > 1:
+        kept = torch.empty(groups, (alive.shape[1] + 1) // 2, dtype=torch.long, device=alive.device)
+        sets, which = torch.unique(alive, dim=0, return_inverse=True)
+        for s, candidates in enumerate(sets):
+            members = torch.nonzero(which == s).squeeze(1)
+            grads = alpha_gradient_each(model, bank, images[members.to(x.device)].flatten(0, 1), objective,
+                                        group_size=group_size, candidates=candidates)
+            order = torch.sort(grads.to(alive.device), dim=1, stable=True).indices[:, :kept.shape[1]]
+            kept[members] = candidates[order].sort(dim=1).values  # as binary_search_step, per group
+        alive = kept
+    return alive[:, 0]

@@ -7,8 +7,8 @@
   batch scores 0 and the denominator is the test-set size.
 * **task-inference accuracy** — how often the inferred task is the true one, from one image or a group.
 
-One-Shot inference of many images runs batched (:func:`supsup_lite.inference.alpha_gradient_each`) for fully
-connected models, and image by image otherwise; binary search runs group by group.
+Inference of many images runs batched for fully connected models (:func:`supsup_lite.inference.alpha_gradient_each`,
+:func:`~supsup_lite.inference.binary_search_each`), and group by group otherwise.
 """
 from __future__ import annotations
 
@@ -20,8 +20,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .data import TaskStream
-from .inference import (Objective, alpha_gradient_each, binary_search, entropy, first_tasks, is_fully_connected,
-                        one_shot)
+from .inference import (Objective, alpha_gradient_each, binary_search, binary_search_each, entropy, first_tasks,
+                        is_fully_connected, one_shot)
 from .masks import MaskBank, apply_masks
 from .training import evaluate, predict
 
@@ -40,6 +40,7 @@ class ProtocolResult:
     tasks: list[int]
     per_task: list[float]
     inferred: list[list[int]]
+    given: list[float] | None = None  # GNu only: each task's accuracy with its own mask (GG), from the same pass
 
     @property
     def accuracy(self) -> float:
@@ -68,7 +69,9 @@ def infer_tasks(model: nn.Module, bank: MaskBank, x: torch.Tensor, group_size: i
     check_method(method)
     if group_size < 1 or x.shape[0] % group_size:
         raise ValueError(f"group_size must be ≥ 1 and divide the {x.shape[0]} images, got {group_size}")
-    if method == "one_shot" and is_fully_connected(model):
+    if is_fully_connected(model):
+        if method == "binary":
+            return binary_search_each(model, bank, x, objective, num_tasks, group_size)
         return alpha_gradient_each(model, bank, x, objective, num_tasks, group_size).argmin(1)
     search = one_shot if method == "one_shot" else binary_search
     return torch.tensor([search(model, bank, x[i:i + group_size], objective, num_tasks)
@@ -125,7 +128,8 @@ def gnu_accuracy(model: nn.Module, bank: MaskBank, stream: TaskStream, tasks: It
     """The paper's GNu protocol: per task, test batches of ``batch_size`` (shuffled by ``seed + task``); the
     task of a batch is inferred from its first image (``infer_from="first"``, the paper) or from the whole batch;
     the batch is classified with the inferred mask, and a wrongly inferred batch scores 0. Accuracy per task =
-    correct / test-set size. ``num_tasks``: search only the first k masks of the bank (a checkpoint)."""
+    correct / test-set size. ``num_tasks``: search only the first k masks of the bank (a checkpoint).
+    ``given`` holds the GG accuracies (each task's own mask) measured in the same pass."""
     if infer_from not in ("first", "batch"):
         raise ValueError(f"infer_from must be 'first' or 'batch', got {infer_from!r}")
     if batch_size < 1:
@@ -147,7 +151,8 @@ def gnu_accuracy(model: nn.Module, bank: MaskBank, stream: TaskStream, tasks: It
         chosen = infer_tasks(model, bank, torch.cat(firsts), 1, method, objective, num_tasks).cpu()
         chosen = list(chosen.split([f.shape[0] for f in firsts]))
     per_task = [right[c == t].sum().item() / n for t, right, c, n in zip(tasks, right_per_batch, chosen, sizes)]
-    return ProtocolResult(tasks, per_task, [c.tolist() for c in chosen])
+    given = [right.sum().item() / n for right, n in zip(right_per_batch, sizes)]
+    return ProtocolResult(tasks, per_task, [c.tolist() for c in chosen], given)
 
 
 def _infer_batches(model: nn.Module, bank: MaskBank, x: torch.Tensor, batch_size: int, method: Method,

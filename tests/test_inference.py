@@ -4,8 +4,9 @@ import pytest
 import torch
 from torch import nn
 
-from supsup_lite.inference import (alpha_gradient, alpha_gradient_each, binary_search, entropy, is_fully_connected,
-                                   one_shot, one_shot_each, superfluous_logsumexp, uniform_alphas)
+from supsup_lite.inference import (alpha_gradient, alpha_gradient_each, binary_search, binary_search_each, entropy,
+                                   is_fully_connected, one_shot, one_shot_each, superfluous_logsumexp,
+                                   uniform_alphas)
 from supsup_lite.masks import MaskBank
 from supsup_lite.models import frozen_random_model, maskable_parameters
 
@@ -80,3 +81,22 @@ def test_one_shot_on_trained_masks(trained_bank, permuted):
     truth = torch.arange(len(bank)).repeat_interleave(8)
     assert (each == truth).float().mean() >= 0.7  # single images: 4 masks trained for 150 batches
     assert one_shot_each(model, bank, x, group_size=8).tolist() == list(range(len(bank)))  # batches of 8
+
+
+@pytest.mark.parametrize("group_size", [1, 2])
+def test_batched_binary_search_equals_the_loop(group_size):
+    model, bank = random_bank(9, seed=4)
+    x = torch.randn(6, 784, generator=torch.Generator().manual_seed(5))
+    batched = binary_search_each(model, bank, x, group_size=group_size, num_tasks=7)
+    loop = [binary_search(model, bank, x[i:i + group_size], num_tasks=7) for i in range(0, 6, group_size)]
+    assert batched.tolist() == loop
+
+
+def test_gradients_over_any_candidate_set():
+    model, bank = random_bank(6)
+    x = torch.randn(3, 784, generator=torch.Generator().manual_seed(6))
+    candidates = torch.tensor([1, 4, 5])
+    batched = alpha_gradient_each(model, bank, x, candidates=candidates)
+    loop = torch.stack([alpha_gradient(model, bank, x[i:i + 1], uniform_alphas(bank, candidates))[1][candidates]
+                        for i in range(3)])
+    torch.testing.assert_close(batched, loop, rtol=1e-4, atol=1e-6)

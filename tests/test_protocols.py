@@ -56,3 +56,10 @@ def test_bad_arguments(trained_bank, permuted):
         gnu_accuracy(model, bank, permuted, infer_from="last")
     with pytest.raises(ValueError, match="tasks"):
         gnu_accuracy(model, bank, permuted, tasks=[7])
+
+
+def test_gnu_reports_gg_from_the_same_pass(trained_bank, permuted):
+    model, bank = trained_bank
+    result = gnu_accuracy(model, bank, permuted, tasks=[1], batch_size=2000)
+    assert result.given == pytest.approx(gg_accuracy(model, bank, permuted, tasks=[1]), abs=1e-6)
+    assert result.per_task[0] <= result.given[0]
