@@ -25,8 +25,13 @@ from .training import TrainHistory, evaluate, fit
 
 
 def topk_masks(scores: Masks, densities: dict[str, float]) -> Masks:
-    """Per-layer top-k supermasks M_l = top-k(|s_l|, d_l), straight-through. Float {0, 1}, shaped like s."""
-    return {name: topk_supermask(s, densities[name]) for name, s in scores.items()}
+    """Per-layer top-k supermasks M_l = top-k(|s_l|, d_l). Float {0, 1}, shaped like s.
+
+    As in the authors' ``GetSubnet.apply(scores.abs(), k)`` the straight-through estimator acts on |s|, so
+    autograd gives ∂L/∂s = sign(s) · ∂L/∂M: a step grows |s| of every weight the loss wants kept, whatever
+    the sign of s. (Passing s itself would push negative scores the wrong way.)
+    """
+    return {name: topk_supermask(s.abs(), densities[name]) for name, s in scores.items()}
 
 
 def task_weights(model: nn.Module, masks: Masks, bn_stats: Buffers) -> dict[str, torch.Tensor]:
