@@ -91,8 +91,12 @@ class TaskStream:
             raise ValueError(f"num_tasks must be ≥ 1, got {num_tasks}")
         self.num_tasks = num_tasks
         self.device = torch.device(device) if device is not None else default_device()
-        self._train = load_mnist(True, self.device)
-        self._test = load_mnist(False, self.device)
+        self._train = self._load(train=True)
+        self._test = self._load(train=False)
+
+    def _load(self, train: bool) -> Batch:
+        """The split's (images, labels) on ``self.device``; MNIST here, other datasets override this."""
+        return load_mnist(train, self.device)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(num_tasks={self.num_tasks}, device={self.device})"

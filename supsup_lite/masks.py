@@ -66,9 +66,10 @@ def supermask_weight(weight: torch.Tensor, scores: torch.Tensor) -> torch.Tensor
 
 
 def topk_supermask(scores: torch.Tensor, keep_frac: float) -> torch.Tensor:
-    """Edge-popup mask: keep the top ``keep_frac`` of |s| (the authors' ``GetSubnet``), straight-through.
+    """Edge-popup mask: keep the top ``keep_frac`` of |s| (the authors' ``GetSubnet`` on ``scores.abs()``).
 
-    The ⌊(1 − keep_frac)·n⌋ smallest |s| are dropped, the rest kept. keep_frac ∈ (0, 1].
+    The ⌊(1 − keep_frac)·n⌋ smallest |s| are dropped, the rest kept. keep_frac ∈ (0, 1]. The straight-through
+    gradient passes through |·| as in the authors' code: ∂L/∂s = sign(s) · ∂L/∂M.
     """
     if not 0.0 < keep_frac <= 1.0:
         raise ValueError(f"keep_frac is the fraction of weights kept and must lie in (0, 1], got {keep_frac}")
@@ -76,7 +77,7 @@ def topk_supermask(scores: torch.Tensor, keep_frac: float) -> torch.Tensor:
     dropped = int((1.0 - keep_frac) * flat.numel())
     mask = torch.ones_like(flat)
     mask[flat.argsort()[:dropped]] = 0.0
-    return _StraightThrough.apply(scores, mask.view_as(scores))
+    return _StraightThrough.apply(scores.abs(), mask.view_as(scores))
 
 
 def apply_masks(model: nn.Module, masks: Masks) -> Masks:
