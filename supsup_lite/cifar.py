@@ -128,16 +128,17 @@ class SplitCIFAR100(TaskStream):
         max_tasks = NUM_CIFAR100_CLASSES // self.num_classes
         if not 1 <= num_tasks <= max_tasks:
             raise ValueError(f"SplitCIFAR100 has 1..{max_tasks} tasks of {self.num_classes} classes, got {num_tasks}")
-        # TaskStream.__init__ reads MNIST; this stream sets the same fields from CIFAR-100 instead.
-        self.num_tasks = num_tasks
         self.seed = seed
-        self.device = torch.device(device) if device is not None else default_device()
         self.class_order = np.random.RandomState(seed).permutation(NUM_CIFAR100_CLASSES)
         self._class_names = _read_cifar100(str(data_root()), False)[2]
-        self._train, train_indices = self._split_into_tasks(*load_cifar100(True, self.device))
-        self._test, test_indices = self._split_into_tasks(*load_cifar100(False, self.device))
-        self._indices = {True: train_indices, False: test_indices}
+        self._indices: dict[bool, list[torch.Tensor]] = {}
+        super().__init__(num_tasks, device)  # reads both splits through _load
         self._fill = normalize(torch.zeros(1, 3, 1, 1, dtype=torch.uint8, device=self.device)).view(3)
+
+    def _load(self, train: bool) -> Batch:
+        """CIFAR-100 split as (uint8 images, within-task labels 0–4); records each task's image indices."""
+        (images, labels), self._indices[train] = self._split_into_tasks(*load_cifar100(train, self.device))
+        return images, labels
 
     def __repr__(self) -> str:
         return f"SplitCIFAR100(num_tasks={self.num_tasks}, seed={self.seed}, device={self.device})"
