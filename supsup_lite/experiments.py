@@ -9,12 +9,13 @@ Masks are trained K = ``save_every`` tasks at once (``multitask.train_bank``); a
 (``bank.pt``, bit-packed) and the results (``results.json``) are saved, and a re-run with the same ``--out``
 resumes from them: finished tasks are not retrained and finished checkpoints not re-evaluated.
 
-Evaluation at each checkpoint T (the authors' ``eval_ckpts``) is the paper's GNu protocol,
-``protocols.gnu_accuracy`` (PAPER.md §2.5): every learned task's test set is cut into batches of 128 (a fixed
-shuffle per task); One-Shot infers each batch's task from its first image over the T masks learned so far
-(Eq. 4, all T·⌈N/128⌉ first images in one batched pass); a correctly inferred batch is classified with its mask,
-a wrongly inferred one scores 0. Each task's GG accuracy (its own mask, task given) is measured once, when it is
-learned, as the upper bound of its GNu accuracy.
+Evaluation at each checkpoint T (the authors' ``eval_ckpts``) gives exactly ``protocols.gnu_accuracy``, the
+paper's GNu protocol (PAPER.md §2.5): every learned task's test set is cut into batches of 128 (a fixed shuffle
+per task); One-Shot infers each batch's task from its first image over the T masks learned so far (Eq. 4, all
+T·⌈N/128⌉ first images in one batched pass); a correctly inferred batch is classified with its own mask, a
+wrongly inferred one scores 0. How many images of each batch a task's own mask gets right does not change with
+T, so it is measured once per task, when the task is learned (``gg_batches.pt``; its sum is the GG accuracy);
+a checkpoint then costs only the One-Shot pass.
 """
 from __future__ import annotations
 
@@ -39,10 +40,12 @@ from .inference import Objective, entropy, superfluous_logsumexp
 from .masks import MaskBank
 from .models import ARCHITECTURES, frozen_random_model
 from .multitask import train_bank
-from .protocols import gg_accuracy, gnu_accuracy
+from .protocols import infer_tasks, shuffled_test_set, task_weights
+from .training import predict
 
 OBJECTIVES: dict[str, Objective] = {"H": entropy, "G": superfluous_logsumexp}
 MODEL_ALIASES = {"lenet": "lenet_300_100", "fc1024": "fc_1024_1024"}
+TASKS_PER_PASS = 50        # tasks whose first test images go through one batched One-Shot pass (≈ 4000 images)
 REAL_CLASSES = 10          # PermutedMNIST labels: outputs beyond these are the superfluous neurons of G
 # Settings a resumed run must share with the saved one (they decide the masks or the evaluation).
 FIXED_SETTINGS = ("model", "outputs", "batches", "batch_size", "lr", "seed", "data_seed", "save_every",
@@ -129,6 +132,17 @@ def peak_memory() -> dict[str, float]:
     return peak
 
 
+def gg_batch_correct(model: nn.Module, bank: MaskBank, stream: PermutedMNIST, task: int, batch_size: int,
+                     seed: int) -> torch.Tensor:
+    """Images that task ``task``'s own mask classifies right in each of its test batches: (⌈N/batch_size⌉,) float.
+
+    The batches are those of ``protocols.gnu_accuracy`` (test set shuffled by ``seed + task``).
+    """
+    x, y = shuffled_test_set(stream, task, seed)
+    right = (predict(model, task_weights(model, bank, task), x) == y).float()
+    return torch.nn.functional.pad(right, (0, -y.shape[0] % batch_size)).view(-1, batch_size).sum(1)
+
+
 class GNuRun:
     """The state of one run: frozen model, task stream, mask bank, results (JSON-ready).
 
@@ -143,11 +157,13 @@ class GNuRun:
         self.model = frozen_random_model(config.model, config.outputs, config.seed, self.device)
         self.stream = PermutedMNIST(config.tasks, seed=config.data_seed, device=self.device)
         self.bank = MaskBank.for_model(self.model, config.model, config.seed, config.outputs)
+        self.num_test = self.stream.test_set(0)[1].shape[0]
+        self.gg_batches = torch.zeros(0, -(-self.num_test // config.test_batch_size), device=self.device)
         self.results: dict[str, Any] = {"experiment": "gnu_permuted_mnist",
                                         "config": json.loads(json.dumps(asdict(config))),
                                         "hardware": hardware(), "tasks_trained": 0, "train_seconds": 0.0,
                                         "eval_seconds": 0.0, "wall_seconds": 0.0, "train_seconds_at": {},
-                                        "gg_per_task": [], "checkpoints": [], "complete": False}
+                                        "checkpoints": [], "complete": False}
         if self.out is not None and (self.out / "results.json").exists():
             self._resume()
 
@@ -159,7 +175,7 @@ class GNuRun:
         if differ:
             raise ValueError(f"{self.out} holds a run with other settings (saved, asked): {differ}; "
                              f"use another --out, or delete {self.out} to start over")
-        for key in ("train_seconds", "eval_seconds", "wall_seconds", "train_seconds_at", "gg_per_task", "checkpoints"):
+        for key in ("train_seconds", "eval_seconds", "wall_seconds", "train_seconds_at", "checkpoints"):
             self.results[key] = saved[key]
         self.results["hardware_history"] = saved.get("hardware_history", []) + [saved["hardware"]]
         if (self.out / "bank.pt").exists():
@@ -167,13 +183,15 @@ class GNuRun:
             bank.check_compatible(self.model)
             self.bank = bank
             self.results["tasks_trained"] = len(bank)
-        del self.results["gg_per_task"][len(self.bank):]
+        if (self.out / "gg_batches.pt").exists():
+            self.gg_batches = torch.load(self.out / "gg_batches.pt", weights_only=True)[:len(self.bank)].to(self.device)
 
     def save(self) -> None:
-        """Write ``bank.pt`` and ``results.json`` (each atomically) when ``out`` is set."""
+        """Write ``bank.pt``, ``gg_batches.pt`` and ``results.json`` (each atomically) when ``out`` is set."""
         now = time.perf_counter()
         self.results["wall_seconds"] += now - self._clock
         self._clock = now
+        self.results["gg_per_task"] = (self.gg_batches.sum(1) / self.num_test).tolist()
         self.results["complete"] = all(self.result(t, o) is not None
                                        for t in self.config.checkpoints for o in self.config.objectives)
         if self.out is None:
@@ -181,6 +199,8 @@ class GNuRun:
         self.out.mkdir(parents=True, exist_ok=True)
         if len(self.bank):
             self.bank.save(self.out / "bank.pt")
+            torch.save(self.gg_batches.cpu(), self.out / "gg_batches.pt.tmp")
+            (self.out / "gg_batches.pt.tmp").replace(self.out / "gg_batches.pt")
         tmp = self.out / "results.json.tmp"
         tmp.write_text(json.dumps(self.results, indent=1))
         tmp.replace(self.out / "results.json")
@@ -205,10 +225,12 @@ class GNuRun:
             self.save()
 
     def measure_gg(self) -> None:
-        """GG accuracy (own mask, task given) of every task of this run in the bank that has none yet."""
-        known, learned = len(self.results["gg_per_task"]), min(len(self.bank), self.config.tasks)
-        if known < learned:
-            self.results["gg_per_task"] += gg_accuracy(self.model, self.bank, self.stream, range(known, learned))
+        """Per-batch GG counts of every task of this run in the bank that has none yet (``gg_batches``)."""
+        c, known = self.config, self.gg_batches.shape[0]
+        rows = [gg_batch_correct(self.model, self.bank, self.stream, t, c.test_batch_size, c.eval_seed)
+                for t in range(known, min(len(self.bank), c.tasks))]
+        if rows:
+            self.gg_batches = torch.cat([self.gg_batches, torch.stack(rows)])
 
     # --- evaluation ---------------------------------------------------------------------------------
     def result(self, tasks: int, objective: str) -> dict[str, Any] | None:
@@ -216,24 +238,34 @@ class GNuRun:
         return next((r for r in self.results["checkpoints"]
                      if r["tasks"] == tasks and r["objective"] == objective), None)
 
+    def inferred_tasks(self, tasks: int, objective: str) -> torch.Tensor:
+        """One-Shot's task for every test batch (from its first image) of tasks 0..T−1 over the first T masks:
+        (T, ⌈N/128⌉) int64, all first images in one batched pass."""
+        c, inferred = self.config, []
+        for start in tqdm(range(0, tasks, TASKS_PER_PASS), disable=not self.progress, leave=False,
+                          desc=f"One-Shot {objective} over {tasks} masks"):
+            firsts = torch.cat([shuffled_test_set(self.stream, t, c.eval_seed)[0][::c.test_batch_size]
+                                for t in range(start, min(start + TASKS_PER_PASS, tasks))])
+            inferred.append(infer_tasks(self.model, self.bank, firsts, objective=OBJECTIVES[objective],
+                                        num_tasks=tasks))
+        return torch.cat(inferred).view(tasks, -1)
+
     def evaluate(self, tasks: int, objective: str) -> dict[str, Any]:
         """The GNu protocol at checkpoint ``tasks`` with ``objective``: a wrongly inferred batch scores 0."""
         began = time.perf_counter()
         self.measure_gg()
-        gnu = gnu_accuracy(self.model, self.bank, self.stream, batch_size=self.config.test_batch_size,
-                           objective=OBJECTIVES[objective], num_tasks=tasks, seed=self.config.eval_seed,
-                           progress=self.progress)
+        right = self.inferred_tasks(tasks, objective) == torch.arange(tasks, device=self.device)[:, None]
+        gnu = (self.gg_batches[:tasks] * right).sum(1) / self.num_test
+        gg = self.gg_batches[:tasks].sum(1) / self.num_test
         seconds = time.perf_counter() - began
         self.results["eval_seconds"] += seconds
-        right = [sum(i == t for i in inferred) / len(inferred) for t, inferred in zip(gnu.tasks, gnu.inferred)]
-        gg = self.results["gg_per_task"][:tasks]
-        record = {"tasks": tasks, "objective": objective, "gnu_accuracy": gnu.accuracy,
-                  "task_inference_accuracy": gnu.task_accuracy, "gg_accuracy": sum(gg) / len(gg),
+        record = {"tasks": tasks, "objective": objective, "gnu_accuracy": gnu.mean().item(),
+                  "task_inference_accuracy": right.float().mean().item(), "gg_accuracy": gg.mean().item(),
                   "eval_seconds": seconds, "train_seconds": self.results["train_seconds_at"].get(str(tasks)),
                   "wall_seconds": self.results["wall_seconds"] + time.perf_counter() - self._clock,
                   "bank_bytes": tasks * self.bank.bytes_per_task, **peak_memory(),
-                  "per_task_gnu_accuracy": [round(v, 5) for v in gnu.per_task],
-                  "per_task_inference_accuracy": [round(v, 5) for v in right]}
+                  "per_task_gnu_accuracy": [round(v, 5) for v in gnu.tolist()],
+                  "per_task_inference_accuracy": [round(v, 5) for v in right.float().mean(1).tolist()]}
         self.results["checkpoints"].append(record)
         self.results["checkpoints"].sort(key=lambda r: (r["objective"], r["tasks"]))
         self.save()
@@ -305,11 +337,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     settings = {f.name: getattr(args, f.name) for f in fields(GNuConfig) if hasattr(args, f.name)}
     try:
-        config = GNuConfig(**settings)
-    except ValueError as err:
+        results = gnu_permuted_mnist(GNuConfig(**settings), args.out, progress=not args.no_progress)
+    except ValueError as err:  # bad settings, or --out holding another run or a damaged bank
         print(f"error: {err}", file=sys.stderr)
         return 2
-    results = gnu_permuted_mnist(config, args.out, progress=not args.no_progress)
     print(json.dumps({k: v for k, v in results.items() if k != "checkpoints"}
                      | {"checkpoints": [{k: v for k, v in r.items() if not k.startswith("per_task")}
                                         for r in results["checkpoints"]]}, indent=1))
