@@ -301,6 +301,17 @@ def gnu_permuted_mnist(config: GNuConfig, out: str | Path | None = None, progres
     return run.results
 
 
+def command_line(config: GNuConfig, out: str | Path | None = None) -> str:
+    """The CLI command that runs ``config`` (settings that differ from the defaults, plus ``--out``)."""
+    defaults, words = GNuConfig(tasks=config.tasks), ["python -m supsup_lite.experiments gnu_permuted_mnist"]
+    for f in fields(GNuConfig):
+        value = getattr(config, f.name)
+        if f.name == "tasks" or value != getattr(defaults, f.name):
+            flag = {"objectives": "objective", "checkpoints": "ckpts"}.get(f.name, f.name).replace("_", "-")
+            words.append(f"--{flag} {','.join(map(str, value)) if isinstance(value, tuple) else value}")
+    return " ".join(words + ([f"--out {out}"] if out is not None else []))
+
+
 def _tuple_of(kind: type, text: str) -> tuple:
     return tuple(kind(part) for part in text.replace(",", " ").split())
 

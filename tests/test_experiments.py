@@ -122,6 +122,15 @@ def test_cli_writes_the_json(tmp_path, capsys):
     assert experiments.main(["gnu_permuted_mnist", "--outputs", "10", "--objective", "G"]) == 2
 
 
+def test_command_line_round_trips_through_the_parser():
+    config = GNuConfig(tasks=30, model="fc1024", outputs=500, objectives=("G",), batches=200, checkpoints=(5, 10))
+    words = experiments.command_line(config, "runs/x").split()
+    assert words[:4] == ["python", "-m", "supsup_lite.experiments", "gnu_permuted_mnist"]
+    args = experiments.parse_args(words[3:])
+    assert GNuConfig(**{k: v for k, v in vars(args).items() if k in GNuConfig.__dataclass_fields__}) == config
+    assert str(args.out) == "runs/x"
+
+
 def test_g_gradient_is_softmax_on_superfluous_outputs_and_zero_on_real_classes():
     """∂G/∂z_j = softmax_j(z) over all s outputs for j ≥ ℓ, 0 for the ℓ real classes; H's gradient differs."""
     z = torch.randn(5, 30, dtype=torch.float64, requires_grad=True)
