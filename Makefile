@@ -22,9 +22,10 @@ run: setup
 
 # Unit tests, then every notebook re-executed at smoke scale by nbval (committed outputs are not compared
 # except in cells marked NBVAL_CHECK_OUTPUT).
+# Two workers, one thread each (the notebooks of one file stay on one worker: --dist loadscope).
 test: setup
-	SUPSUP_SCALE=smoke MPLBACKEND=Agg $(PY) -m pytest tests $(NOTEBOOKS) \
-	  --nbval-lax --nbval-current-env --nbval-cell-timeout=600 -p no:cacheprovider
+	SUPSUP_SCALE=smoke MPLBACKEND=Agg OMP_NUM_THREADS=1 $(PY) -m pytest -n 2 --dist loadscope \
+	  tests $(NOTEBOOKS) --nbval-lax --nbval-current-env --nbval-cell-timeout=600 -p no:cacheprovider
 
 lab: setup
 	$(PY) -m jupyter lab notebooks

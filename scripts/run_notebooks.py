@@ -2,7 +2,8 @@
 
 Usage: python scripts/run_notebooks.py notebooks/01_supermasks.ipynb [...]
 The scale comes from SUPSUP_SCALE (``make run`` sets tutorial). Each kernel starts in the notebook's folder.
-Widget state and per-cell timing metadata are stripped so that diffs stay small.
+Widget state, progress-bar widgets (dead without a live kernel) and per-cell timing metadata are stripped
+so that diffs stay small and GitHub shows no frozen "0%" bars.
 """
 from __future__ import annotations
 
@@ -19,12 +20,22 @@ from nbclient.exceptions import CellExecutionError
 KERNELSPEC = {"name": "python3", "display_name": "Python 3 (ipykernel)", "language": "python"}
 
 
+WIDGET_VIEW = "application/vnd.jupyter.widget-view+json"
+
+
+def is_dead_progress_bar(output: nbformat.NotebookNode) -> bool:
+    """A tqdm.auto bar saved from a headless run: a widget view without state, shown as '0%|...'."""
+    return WIDGET_VIEW in output.get("data", {}) and "it/s]" in "".join(output["data"].get("text/plain", ""))
+
+
 def clean(nb: nbformat.NotebookNode) -> None:
-    """Drop widget state and execution timing; pin the kernelspec to python3."""
+    """Drop widget state, dead progress bars and execution timing; pin the kernelspec to python3."""
     nb.metadata.pop("widgets", None)
     nb.metadata["kernelspec"] = KERNELSPEC
     for cell in nb.cells:
         cell.metadata.pop("execution", None)
+        if cell.cell_type == "code":
+            cell.outputs = [o for o in cell.outputs if not is_dead_progress_bar(o)]
 
 
 def run(path: Path, timeout: int) -> float:
