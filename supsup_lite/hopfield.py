@@ -20,7 +20,8 @@ Storkey rule can make w_ii negative, and then the textbook field Σ_j w_ij s_j c
 """
 from __future__ import annotations
 
-from typing import Callable, Literal, Sequence
+from contextlib import contextmanager
+from typing import Callable, Iterator, Literal, Sequence
 
 import torch
 from tqdm.auto import tqdm
@@ -114,26 +115,88 @@ def _rule(rule: str) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
     return RULES[rule]
 
 
-def store(patterns: torch.Tensor, rule: Rule = "hebbian", W: torch.Tensor | None = None) -> torch.Tensor:
-    """Store bipolar patterns (P, d) one after another with ``rule``, starting from ``W`` (default zeros).
+@contextmanager
+def _one_cpu_thread(device: torch.device) -> Iterator[None]:
+    """Run a loop of many tiny CPU ops on one thread: thread start-up costs more than the ops, and on a busy
+    machine each multi-threaded op waits for a free core (50x slower measured on 2 shared cores)."""
+    threads = torch.get_num_threads()
+    if device.type == "cpu":
+        torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
-    Returns W (d, d). The Hebbian case is the closed form W + (1/d)(XᵀX − P·I); Storkey rules depend on the
-    order, so they run pattern by pattern.
+
+def _check_symmetric(W: torch.Tensor) -> None:
+    gap = (W - W.t()).abs().max().item()
+    if gap > 1e-5 * max(W.abs().max().item(), 1e-30):
+        raise ValueError(f"Hopfield weights must be symmetric (the rules keep them so); max |W − Wᵀ| = {gap:.3g}")
+
+
+def _store_block(W: torch.Tensor, X: torch.Tensor, rule: str) -> torch.Tensor:
+    """Add the patterns X (k, d) to the symmetric W (d, d) in order, in O(k) matrix products instead of k passes.
+
+    Every rule has the form W_p = a·W_{p−1} + R_p, R_p = (1/d)(x (x − h)ᵀ − h xᵀ − diag(g)) with h = W_{p−1} x:
+    Hebbian a = 1, h = 0, g = 1; simplified Storkey a = 1, g = 1; textbook Storkey (symmetric W, w_ii = 0)
+    a = 1 + 2/d and g = 1 − 2 x∘h, the diagonal of x(x − h)ᵀ − h xᵀ, so w_ii stays 0. Hence
+    W_p = a^p W_0 + Σ_{q<p} a^{p−1−q} R_q: each field h_p = a^p (W_0 x_p) + Σ_{q<p} a^{p−1−q} R_q x_p costs
+    O(p·d) given W_0 X, and the block ends with one (d, 2k) @ (2k, d) product. Equal to applying
+    ``RULES[rule]`` pattern by pattern (tests check it).
+    """
+    k, d = X.shape
+    a = 1.0 + 2.0 / d if rule == "storkey" else 1.0
+    uses_field = rule != "hebbian"
+    H = torch.zeros_like(X)
+    G = torch.ones_like(X)
+    if uses_field:
+        W0X = X @ W.t()                                          # row p: W_0 x_p
+        powers = a ** torch.arange(k, dtype=X.dtype, device=X.device)
+        with _one_cpu_thread(X.device):
+            for p in range(k):
+                x = X[p]
+                h = powers[p] * W0X[p]
+                if p:
+                    w = powers[:p].flip(0) / d                   # a^{p−1−q} / d for q = 0..p−1
+                    Xq, Hq = X[:p], H[:p]
+                    h = h + (w * ((Xq - Hq) @ x)) @ Xq - (w * (Xq @ x)) @ Hq - x * (w @ G[:p])
+                H[p] = h
+                if rule == "storkey":
+                    G[p] = 1 - 2 * x * h
+    v = (a ** torch.arange(k - 1, -1, -1, dtype=X.dtype, device=X.device)).unsqueeze(1)   # a^{k−1−q}
+    left = torch.cat([X.t(), -H.t()], dim=1)                     # (d, 2k)
+    right = torch.cat([v * (X - H), v * X], dim=0)               # (2k, d)
+    W_new = torch.addmm(W, left, right, beta=a ** k, alpha=1.0 / d)
+    if rule == "storkey":
+        return W_new.fill_diagonal_(0.0)                          # exactly what Σ a^{k−1−q} g_q / d removes
+    W_new.diagonal().sub_((v * G).sum(0) / d)
+    return W_new
+
+
+def store(patterns: torch.Tensor, rule: Rule = "hebbian", W: torch.Tensor | None = None,
+          block_size: int = 128) -> torch.Tensor:
+    """Store bipolar patterns (P, d) in order with ``rule``, starting from a symmetric ``W`` (default zeros).
+
+    Returns W (d, d), equal to applying ``RULES[rule]`` once per pattern (up to rounding) but computed in
+    blocks of ``block_size`` patterns with matrix products (see ``_store_block``). Storkey rules depend on
+    the order of the patterns; the Hebbian rule does not.
     """
     if patterns.dim() != 2:
         raise ValueError(f"patterns must be (P, d), got shape {tuple(patterns.shape)}")
     check_bipolar(patterns, "patterns")
-    P, d = patterns.shape
+    _rule(rule)
+    d = patterns.shape[1]
     if W is None:
         dtype = patterns.dtype if patterns.is_floating_point() else torch.float32
         W = torch.zeros(d, d, dtype=dtype, device=patterns.device)
     check_weights(W, d)
+    _check_symmetric(W)
+    if rule == "storkey" and bool(W.diagonal().any()):
+        raise ValueError("the textbook Storkey rule needs a zero diagonal (w_ii = 0); "
+                         "start from zeros or from a matrix built by this rule or the Hebbian rule")
     patterns = patterns.to(W.dtype)
-    update = _rule(rule)
-    if rule == "hebbian":
-        return W + (patterns.t() @ patterns - P * torch.eye(d, dtype=W.dtype, device=W.device)) / d
-    for x in patterns:
-        W = update(W, x)
+    for start in range(0, patterns.shape[0], block_size):
+        W = _store_block(W, patterns[start:start + block_size], rule)
     return W
 
 
@@ -149,27 +212,95 @@ def without_self_coupling(W: torch.Tensor) -> torch.Tensor:
     return W.clone().fill_diagonal_(0.0)
 
 
-def _sign_keep(field: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
-    """sign(field), keeping the current state ``s`` where the field is exactly zero."""
-    return torch.where(field > 0, 1.0, torch.where(field < 0, -1.0, s))
+def tie_tolerance(W0: torch.Tensor) -> float:
+    """Fields with |h| ≤ this count as ties (state kept): 1e-5 of the largest possible |h|, max_i Σ_j |W0_ij|.
+
+    Ties are real for the Hebbian rule (its weights are multiples of 1/d), and float rounding must not
+    decide them; 1e-5 is far below the 1/d steps of Hebbian fields and far above float32 rounding.
+    """
+    return 1e-5 * float(W0.abs().sum(1).max())
+
+
+def _sign_keep(field: torch.Tensor, s: torch.Tensor, tol: float) -> torch.Tensor:
+    """sign(field), keeping the current state ``s`` where |field| ≤ tol."""
+    return torch.where(field > tol, 1.0, torch.where(field < -tol, -1.0, s))
 
 
 # ------------------------------------------------------------------------------------------------- recall
-def async_update(W0: torch.Tensor, s: torch.Tensor, i: int) -> torch.Tensor:
+def async_update(W0: torch.Tensor, s: torch.Tensor, i: int, tol: float = 0.0) -> torch.Tensor:
     """One asynchronous update of neuron i, in place: s_i ← sign(Σ_j W0_ij s_j) for a zero-diagonal W0.
 
-    W0: (d, d) with zero diagonal (``without_self_coupling``); s: (B, d) float ±1. Returns a (B,) bool
-    tensor of the rows whose neuron i flipped.
+    W0: (d, d) with zero diagonal (``without_self_coupling``); s: (B, d) float ±1; fields with |h| ≤ tol
+    keep the state (``tie_tolerance``). Returns a (B,) bool tensor of the rows whose neuron i flipped.
     """
-    new = _sign_keep(s @ W0[i], s[:, i])
+    new = _sign_keep(s @ W0[i], s[:, i], tol)
     flipped = new != s[:, i]
     s[:, i] = new
     return flipped
 
 
-def sync_update(W0: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
-    """One synchronous update of all neurons: s ← sign(s W0ᵀ). W0: (d, d) zero diagonal, s: (B, d) → (B, d)."""
-    return _sign_keep(s @ W0.t(), s)
+def sync_update(W0: torch.Tensor, s: torch.Tensor, tol: float = 0.0) -> torch.Tensor:
+    """One synchronous update of all neurons: s ← sign(s W0ᵀ), ties (|h| ≤ tol) kept.
+
+    W0: (d, d) zero diagonal, s: (B, d) → (B, d).
+    """
+    return _sign_keep(s @ W0.t(), s, tol)
+
+
+def _check_recall_args(W: torch.Tensor, s: torch.Tensor, mode: str, max_sweeps: int) -> None:
+    check_bipolar(s, "probes")
+    check_weights(W, s.shape[1])
+    if mode not in ("async", "sync"):
+        raise ValueError(f"recall mode must be 'async' or 'sync', got {mode!r}")
+    if max_sweeps < 1:
+        raise ValueError(f"max_sweeps must be ≥ 1, got {max_sweeps}")
+
+
+def _recall_async(W0: torch.Tensor, s: torch.Tensor, max_sweeps: int,
+                  generator: torch.Generator | None, tol: float) -> int:
+    """Asynchronous sweeps in random order, in place on s (B, d), jumping from flip to flip.
+
+    Same result as ``for sweep: for i in randperm(d): async_update(W0, s, i, tol)`` until a sweep changes
+    nothing, but each probe skips straight to the next neuron of the sweep order whose field disagrees
+    with its state (neurons in between would not change), so the cost is O(B·d) per flip instead of per
+    neuron. The local fields F = s W0ᵀ (B, d) are kept up to date after each flip. Draws one permutation
+    per sweep from ``generator``, like the plain loop. Returns the number of sweeps the plain loop runs.
+    """
+    B, d = s.shape
+    dev = s.device
+    positions = torch.arange(d, device=dev)
+    W0t = W0.t().contiguous()                                          # row i: column i of W0
+    F = s @ W0t
+    perms: list[torch.Tensor] = []
+    sweep = torch.ones(B, dtype=torch.long, device=dev)                # 1-based sweep each probe is in
+    pos = torch.full((B,), -1, dtype=torch.long, device=dev)           # last position done in that sweep
+    last_change = torch.zeros(B, dtype=torch.long, device=dev)         # last sweep with a flip
+    active = torch.ones(B, dtype=torch.bool, device=dev)
+    # dense updates only (where / gather / scatter): indexed writes are slow on a busy multi-threaded CPU
+    while bool(active.any()):
+        if len(perms) < int(sweep.max()):
+            perms.append(torch.randperm(d, generator=generator).to(dev))
+            stacked = torch.stack(perms)
+        order = stacked.index_select(0, sweep - 1)                     # (B, d) sweep order of each probe
+        unstable = (F * s < -tol).gather(1, order) & (positions > pos.unsqueeze(1))   # field opposes state
+        has_next = unstable.any(1) & active
+        nxt = unstable.to(torch.int8).argmax(1)
+        i = order.gather(1, nxt.unsqueeze(1))                          # (B, 1) neuron to flip
+        step = torch.where(has_next.unsqueeze(1), -2 * s.gather(1, i), 0.0)   # s_new − s_old, or 0
+        s.scatter_add_(1, i, step)
+        F.add_(step * W0t.index_select(0, i.squeeze(1)))               # F_bj += W0_ji (s_new − s_old)
+        pos = torch.where(has_next, nxt, pos)
+        last_change = torch.where(has_next, sweep, last_change)
+        done = active & ~has_next                                      # reached the end of their sweep
+        finished = done & ((last_change < sweep) | (sweep == max_sweeps))
+        active = active & ~finished
+        moving = done & ~finished
+        sweep = torch.where(moving, sweep + 1, sweep)
+        pos = torch.where(moving, -1, pos)
+    sweeps = min(max_sweeps, int(last_change.max()) + 1)
+    for _ in range(len(perms), sweeps):                                # the plain loop's last, idle sweeps
+        torch.randperm(d, generator=generator)
+    return sweeps
 
 
 def recall(
@@ -181,34 +312,26 @@ def recall(
 ) -> tuple[torch.Tensor, int]:
     """Run the network from each probe until no neuron changes (or ``max_sweeps`` sweeps).
 
-    W: (d, d); probes: (B, d) or (d,) bipolar. ``mode="async"`` updates neurons one at a time in a fresh
-    random order each sweep (the order, from ``generator``, is shared by the B probes); ``"sync"`` updates
-    all neurons at once per sweep (it can end in a 2-cycle; then it stops at ``max_sweeps``).
-    Returns (states like probes, number of sweeps run).
+    W: (d, d); probes: (B, d) or (d,) bipolar. ``mode="async"`` updates neurons one at a time (the field
+    leaves out w_ii; |h| ≤ ``tie_tolerance`` keeps the state), in a fresh random order each sweep drawn from ``generator`` and shared by the B
+    probes; ``"sync"`` updates all neurons at once per sweep (it can end in a 2-cycle; then it stops at
+    ``max_sweeps``). Returns (states like probes, number of sweeps until a sweep changed nothing).
     """
     single = probes.dim() == 1
-    s = probes.reshape(1, -1).float().clone() if single else probes.float().clone()
-    check_bipolar(s, "probes")
-    d = s.shape[1]
-    check_weights(W, d)
-    if mode not in ("async", "sync"):
-        raise ValueError(f"recall mode must be 'async' or 'sync', got {mode!r}")
-    if max_sweeps < 1:
-        raise ValueError(f"max_sweeps must be ≥ 1, got {max_sweeps}")
-    W0 = without_self_coupling(W.float()).to(s.device)
-    sweeps = 0
-    for sweeps in range(1, max_sweeps + 1):
-        if mode == "sync":
-            new = sync_update(W0, s)
+    s = probes.reshape(1, -1).to(W.dtype).clone() if single else probes.to(W.dtype).clone()
+    _check_recall_args(W, s, mode, max_sweeps)
+    W0 = without_self_coupling(W)
+    tol = tie_tolerance(W0)
+    if mode == "async":
+        with _one_cpu_thread(s.device):
+            sweeps = _recall_async(W0, s, max_sweeps, generator, tol)
+    else:
+        for sweeps in range(1, max_sweeps + 1):
+            new = sync_update(W0, s, tol)
             changed = bool((new != s).any())
             s = new
-        else:
-            order = torch.randperm(d, generator=generator).tolist()
-            changed = False
-            for i in order:
-                changed |= bool(async_update(W0, s, i).any())
-        if not changed:
-            break
+            if not changed:
+                break
     return (s[0] if single else s), sweeps
 
 
@@ -243,13 +366,11 @@ def capacity_curve(
         raise ValueError(f"num_patterns must be positive integers, got {list(num_patterns)}")
     gen = torch.Generator().manual_seed(seed)
     patterns = random_patterns(counts[-1], d, gen).to(device)
-    update = _rule(rule)
     W = torch.zeros(d, d, device=device)
     out: dict[str, list[float]] = {"num_patterns": [], "load": [], "bit_error": [], "exact": []}
     stored = 0
     for P in tqdm(counts, desc=f"{rule} d={d}", disable=not progress, leave=False):
-        for x in patterns[stored:P]:
-            W = update(W, x)
+        W = store(patterns[stored:P], rule, W)
         stored = P
         pick = torch.randperm(P, generator=gen)[:num_probes].to(device)
         states, _ = recall(W, patterns[pick], mode=mode, max_sweeps=max_sweeps, generator=gen)
