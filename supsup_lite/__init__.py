@@ -11,6 +11,6 @@ from .masks import (MaskBank, MaskBankError, apply_masks, init_scores, supermask
 from .models import (build_model, fc_1024_1024, frozen_random_model, lenet_300_100, maskable_parameters,
                      masked_forward, signed_constant_)
 from .superpose import superposed_weights
-from .training import evaluate, predict, train_dense, train_supermask
+from .training import evaluate, predict, supermask_forward, train_dense, train_supermask
 
 __version__ = "0.1.0"

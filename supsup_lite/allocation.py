@@ -35,10 +35,10 @@ from tqdm.auto import tqdm
 
 from .data import Batch, TaskStream
 from .inference import alpha_gradient
-from .masks import Masks, MaskBank, init_scores, supermask_weight
-from .models import maskable_parameters, masked_forward
+from .masks import Masks, MaskBank, init_scores
+from .models import maskable_parameters
 from .protocols import ProtocolResult, infer_tasks, shuffled_test_set, task_weights
-from .training import Forward, fit, predict
+from .training import fit, predict, supermask_forward
 
 EPSILON = 2.0 ** -3
 LabelledBatch = tuple[int, torch.Tensor, torch.Tensor]
@@ -169,21 +169,11 @@ class NNsLearner:
         return decision
 
     # --- training --------------------------------------------------------------------------------
-    def _forward(self, mask: int) -> Forward:
-        """x (B, ...) → logits (B, s) of the base network under W ⊙ 1[s ≥ 0] of mask ``mask``, straight-through."""
-        scores = self.scores[mask]
-
-        def forward(x: torch.Tensor) -> torch.Tensor:
-            weights = {name: supermask_weight(self.params[name], s) for name, s in scores.items()}
-            return masked_forward(self.model, weights, x)
-
-        return forward
-
     def _train(self, batches: Iterator[Batch]) -> int:
         """Train the live mask on ``batches`` (or skip them when none is live); returns how many there were."""
         if self.live is None:
             return sum(1 for _ in batches)
-        history = fit(self._forward(self.live), self.scores[self.live].values(), self.optimizers[self.live],
+        history = fit(supermask_forward(self.model, self.scores[self.live]), self.scores[self.live].values(), self.optimizers[self.live],
                       batches, progress=False)
         return len(history.loss)
 

@@ -47,6 +47,24 @@ def fit(forward: Forward, parameters: Iterable[torch.Tensor], optimizer: torch.o
     return TrainHistory(torch.stack(losses).tolist(), (torch.stack(correct).cpu() / sizes_t).tolist())
 
 
+def supermask_forward(model: nn.Module, scores: Masks, keep_frac: float | None = None) -> Forward:
+    """x (B, ...) → logits (B, s) of the frozen ``model`` under W ⊙ M(scores), straight-through into the scores.
+
+    M = 1[s ≥ 0] (``keep_frac=None``, fused kernel) or the top ``keep_frac`` of |s|.
+    """
+    params = maskable_parameters(model)
+
+    def masked_weight(name: str) -> torch.Tensor:
+        if keep_frac is None:
+            return supermask_weight(params[name], scores[name])
+        return params[name] * topk_supermask(scores[name], keep_frac)
+
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        return masked_forward(model, {name: masked_weight(name) for name in scores}, x)
+
+    return forward
+
+
 def train_supermask(model: nn.Module, stream: TaskStream, task: int, num_batches: int | None = 1000,
                     batch_size: int = 128, lr: float = 1e-4, seed: int = 0, keep_frac: float | None = None,
                     progress: bool = True) -> tuple[Masks, TrainHistory]:
@@ -62,15 +80,7 @@ def train_supermask(model: nn.Module, stream: TaskStream, task: int, num_batches
         raise ValueError("the base network must be frozen (requires_grad=False); call signed_constant_ first")
     scores = init_scores(model, torch.Generator().manual_seed(seed))
     optimizer = torch.optim.RMSprop(scores.values(), lr=lr)
-
-    def masked_weight(name: str) -> torch.Tensor:
-        if keep_frac is None:
-            return supermask_weight(params[name], scores[name])
-        return params[name] * topk_supermask(scores[name], keep_frac)
-
-    def forward(x: torch.Tensor) -> torch.Tensor:
-        return masked_forward(model, {name: masked_weight(name) for name in scores}, x)
-
+    forward = supermask_forward(model, scores, keep_frac)
     batches = stream.train_batches(task, batch_size, num_batches, seed)
     total = num_batches if num_batches is not None else -(-stream.num_train(task) // batch_size)
     history = fit(forward, scores.values(), optimizer, batches, total, progress, f"mask of task {task}")
