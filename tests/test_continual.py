@@ -3,8 +3,8 @@ import numpy as np
 import pytest
 import torch
 
-from supsup_lite.continual import (ContinualMethod, FineTuning, SupSupGG, UpperBound, dense_model, run_continual,
-                                   task_accuracy)
+from supsup_lite.continual import (ContinualMethod, FineTuning, FineTuningFromSnapshots, SupSupGG, UpperBound,
+                                   dense_model, evaluation_set, run_continual, task_accuracy)
 from supsup_lite.models import frozen_random_model, masked_forward, maskable_parameters
 from supsup_lite.storage import SEED_BYTES
 
@@ -23,13 +23,13 @@ class Scripted(ContinualMethod):
 
     def predict(self, x, task):
         self.asked.append(task)
-        labels = self.stream.test_set(task if task is not None else self.learned[-1])[1][: x.shape[0]]
+        labels = evaluation_set(self.stream, task if task is not None else self.learned[-1], x.shape[0], "spread")[1]
         return labels if task is None or task >= self.learned[-1] - 1 else torch.zeros_like(labels)
 
 
 def test_accuracy_matrix_is_filled_row_by_row(permuted):
-    result = run_continual(Scripted(permuted), permuted, num_tasks=4, test_size=500, progress=False)
-    zeros = [(permuted.test_set(j)[1][:500] == 0).float().mean().item() for j in range(4)]
+    result = run_continual(Scripted(permuted), permuted, num_tasks=4, test_size=500, subset="spread", progress=False)
+    zeros = [(evaluation_set(permuted, j, 500, "spread")[1] == 0).float().mean().item() for j in range(4)]
     expected = np.full((4, 4), np.nan)
     for i in range(4):
         for j in range(i + 1):
@@ -44,7 +44,8 @@ def test_accuracy_matrix_is_filled_row_by_row(permuted):
 
 def test_only_the_requested_rows_are_measured_and_task_ids_can_be_withheld(permuted):
     method = Scripted(permuted)
-    result = run_continual(method, permuted, num_tasks=3, task_ids=False, test_size=100, rows=[2], progress=False)
+    result = run_continual(method, permuted, num_tasks=3, task_ids=False, test_size=100, subset="spread", rows=[2],
+                           progress=False)
     assert result.evaluated_rows == [2] and np.isnan(result.accuracy[:2]).all()
     assert method.asked == [None, None, None] and not result.task_ids
     assert np.isnan(result.average[:2]).all() and not np.isnan(result.average[2])
@@ -134,7 +135,47 @@ def test_dense_model_is_seeded_and_leaves_the_global_rng_alone():
     assert torch.equal(a[1].weight, b[1].weight) and not torch.equal(a[1].weight, c[1].weight)
 
 
-def test_task_accuracy_uses_the_first_test_examples(permuted):
+def test_evaluation_sets_spread_over_the_test_set_and_are_shared(permuted):
+    x, y = permuted.test_set(1)
+    x5, y5 = evaluation_set(permuted, 1, 5, "spread")
+    spread = [0, 2500, 5000, 7499, 9999]  # round(linspace(0, 9999, 5))
+    assert torch.equal(x5, x[spread]) and torch.equal(y5, y[spread])
+    assert torch.equal(evaluation_set(permuted, 1, 5)[1], y[:5])  # the default: the first examples
+    assert evaluation_set(permuted, 1, None)[1].shape == evaluation_set(permuted, 1, 10**6, "spread")[1].shape == y.shape
+    with pytest.raises(ValueError, match="test_size"):
+        evaluation_set(permuted, 1, 0)
+    with pytest.raises(ValueError, match="subset"):
+        evaluation_set(permuted, 1, 5, "random")
     method = Scripted(permuted)
     method.learn(0)
-    assert task_accuracy(method, permuted, 0, test_size=10) == 1.0
+    assert task_accuracy(method, permuted, 0, test_size=10, subset="spread") == 1.0
+
+    calls = []
+
+    class Counting(type(permuted)):
+        def test_set(self, task):
+            calls.append(task)
+            return super().test_set(task)
+
+    counting = Counting.__new__(Counting)
+    counting.__dict__.update(permuted.__dict__)
+    shared = {}
+    for _ in range(2):
+        run_continual(Scripted(permuted), counting, num_tasks=3, test_size=50, subset="spread", test_sets=shared,
+                      progress=False)
+    assert sorted(calls) == [0, 1, 2] and set(shared) == {(t, 50, "spread") for t in range(3)}  # once for both runs
+
+
+def test_fine_tuning_read_off_the_upper_bound_is_fine_tuning(permuted):
+    start = dense_model("lenet_300_100", 10, seed=1)
+    fine, upper = FineTuning(start, permuted, num_batches=15), UpperBound(start, permuted, num_batches=15)
+    direct = run_continual(fine, permuted, num_tasks=3, test_size=500, progress=False)
+    run_continual(upper, permuted, num_tasks=3, test_size=500, progress=False)
+    replayed = run_continual(FineTuningFromSnapshots(upper), permuted, num_tasks=3, test_size=500, progress=False)
+    assert all(torch.equal(a, b) for a, b in zip(fine.model.parameters(), upper.models[2].parameters()))
+    np.testing.assert_array_equal(direct.accuracy, replayed.accuracy)
+    assert replayed.name == direct.name and replayed.storage[-1] == direct.storage[-1]
+    with pytest.raises(ValueError, match="from_previous"):
+        FineTuningFromSnapshots(UpperBound(start, permuted, from_previous=False))
+    with pytest.raises(ValueError, match="has not learned task 3"):
+        FineTuningFromSnapshots(upper).learn(3)
