@@ -29,9 +29,10 @@ from torch.func import functional_call, grad, vmap
 
 from .continual import ContinualMethod, SupSupGG
 from .data import Batch, TaskStream
-from .inference import Objective, binary_search, entropy, one_shot
+from .inference import Objective, entropy
 from .models import maskable_parameters, masked_forward
 from .multitask import task_seed
+from .protocols import infer_tasks
 from .storage import SEED_BYTES, dense_bytes
 from .training import fit, predict
 
@@ -637,21 +638,28 @@ class SupSupGNu(SupSupGG):
         self.search, self.objective = search, objective
         self.infer_from, self.test_batch = infer_from, test_batch
 
-    def infer_task(self, x: torch.Tensor) -> int:
-        """The task of images x (n, ...) by ``search`` over the tasks learned so far."""
-        infer = one_shot if self.search == "one_shot" else binary_search
-        row = infer(self.model, self.bank, x, objective=self.objective)
-        return next(task for task, r in self.rows.items() if r == row)
+    def infer_batches(self, x: torch.Tensor) -> list[int]:
+        """The inferred task of every batch of ``test_batch`` consecutive images of x (N, ...), each from its first
+        ``infer_from`` images, by ``search`` over the tasks learned so far (batched by ``protocols.infer_tasks``)."""
+        starts = range(0, x.shape[0], self.test_batch)
+        groups = [x[s:s + self.infer_from] for s in starts]
+        full = [g for g in groups if g.shape[0] == self.infer_from]
+        rows = []
+        if full:
+            rows += infer_tasks(self.model, self.bank, torch.cat(full), self.infer_from, self.search,
+                                self.objective).tolist()
+        if len(full) < len(groups):   # a last batch shorter than infer_from: all of it
+            last = groups[-1]
+            rows += infer_tasks(self.model, self.bank, last, last.shape[0], self.search, self.objective).tolist()
+        task_of_row = {row: task for task, row in self.rows.items()}
+        return [task_of_row[row] for row in rows]
 
     @torch.no_grad()
     def predict(self, x: torch.Tensor, task: int | None) -> torch.Tensor:  # noqa: D102
         if task is not None:
             raise ValueError("SupSup (GNu) infers the task itself; call predict(x, None)")
         labels = []
-        for start in range(0, x.shape[0], self.test_batch):
-            batch = x[start:start + self.test_batch]
-            inferred = self.infer_task(batch[: self.infer_from])
-            weights = self.masked_weights(inferred)
-            logits = masked_forward(self.model, weights, batch)[:, : self.classes]
-            labels.append(self.classes * inferred + logits.argmax(1))
+        for start, inferred in zip(range(0, x.shape[0], self.test_batch), self.infer_batches(x)):
+            logits = masked_forward(self.model, self.masked_weights(inferred), x[start:start + self.test_batch])
+            labels.append(self.classes * inferred + logits[:, : self.classes].argmax(1))
         return torch.cat(labels)

@@ -14,6 +14,7 @@ from supsup_lite.baselines import (PSP, BatchE, OnlineEWC, OnlineEWCMethod, Pena
                                    quadratic_penalty, random_orthogonal, rank_one_factors, snapshot,
                                    trainable_parameters)
 from supsup_lite.continual import FineTuning, SupSupGG, dense_model, run_continual, task_accuracy
+from supsup_lite.inference import binary_search, one_shot
 from supsup_lite.models import frozen_random_model, maskable_parameters, masked_forward
 from supsup_lite.storage import SEED_BYTES, dense_bytes
 
@@ -336,7 +337,11 @@ def test_supsup_gnu_infers_the_task_and_a_wrong_task_scores_zero(permuted):
     np.testing.assert_allclose(result.final, gg)                   # every batch's task inferred right
     x, y = unshared.test_set(2)
     assert (supsup.predict(x[:256], None) // 10 == 2).float().mean() > 0.9
-    supsup.infer_task = lambda images: 0                          # force the wrong task: nothing counts
+    batches = [x[s:s + 128] for s in range(0, 300, 128)]           # 128, 128 and a short last batch of 44
+    assert supsup.infer_batches(x[:300]) == [one_shot(supsup.model, supsup.bank, b[:1]) for b in batches]
+    supsup.search, supsup.infer_from = "binary", 128               # the whole batch, the short one too
+    assert supsup.infer_batches(x[:300]) == [binary_search(supsup.model, supsup.bank, b) for b in batches]
+    supsup.infer_batches = lambda images: [0] * -(-images.shape[0] // 128)   # force the wrong task
     assert task_accuracy(supsup, unshared, 2, task_ids=False, test_size=256) == 0.0
     with pytest.raises(ValueError, match="infers the task"):
         supsup.predict(x[:5], 2)
