@@ -150,7 +150,7 @@ class GNuRun:
     """
 
     def __init__(self, config: GNuConfig, out: str | Path | None = None, progress: bool = True) -> None:
-        self._clock = time.perf_counter()
+        self._clock, self._cpu_clock = time.perf_counter(), time.process_time()
         self.config, self.progress = config, progress
         self.out = Path(out) if out is not None else None
         self.device = default_device()
@@ -162,7 +162,8 @@ class GNuRun:
         self.results: dict[str, Any] = {"experiment": "gnu_permuted_mnist",
                                         "config": json.loads(json.dumps(asdict(config))),
                                         "hardware": hardware(), "tasks_trained": 0, "train_seconds": 0.0,
-                                        "eval_seconds": 0.0, "wall_seconds": 0.0, "train_seconds_at": {},
+                                        "eval_seconds": 0.0, "wall_seconds": 0.0, "cpu_seconds": 0.0,
+                                        "train_seconds_at": {},
                                         "checkpoints": [], "complete": False}
         if self.out is not None and (self.out / "results.json").exists():
             self._resume()
@@ -175,8 +176,8 @@ class GNuRun:
         if differ:
             raise ValueError(f"{self.out} holds a run with other settings (saved, asked): {differ}; "
                              f"use another --out, or delete {self.out} to start over")
-        for key in ("train_seconds", "eval_seconds", "wall_seconds", "train_seconds_at", "checkpoints"):
-            self.results[key] = saved[key]
+        for key in ("train_seconds", "eval_seconds", "wall_seconds", "cpu_seconds", "train_seconds_at", "checkpoints"):
+            self.results[key] = saved.get(key, self.results[key])
         self.results["hardware_history"] = saved.get("hardware_history", []) + [saved["hardware"]]
         if (self.out / "bank.pt").exists():
             bank = MaskBank.load(self.out / "bank.pt", self.device)
@@ -188,9 +189,10 @@ class GNuRun:
 
     def save(self) -> None:
         """Write ``bank.pt``, ``gg_batches.pt`` and ``results.json`` (each atomically) when ``out`` is set."""
-        now = time.perf_counter()
+        now, cpu_now = time.perf_counter(), time.process_time()
         self.results["wall_seconds"] += now - self._clock
-        self._clock = now
+        self.results["cpu_seconds"] += cpu_now - self._cpu_clock
+        self._clock, self._cpu_clock = now, cpu_now
         self.results["gg_per_task"] = (self.gg_batches.sum(1) / self.num_test).tolist()
         self.results["complete"] = all(self.result(t, o) is not None
                                        for t in self.config.checkpoints for o in self.config.objectives)
@@ -263,6 +265,7 @@ class GNuRun:
                   "task_inference_accuracy": right.float().mean().item(), "gg_accuracy": gg.mean().item(),
                   "eval_seconds": seconds, "train_seconds": self.results["train_seconds_at"].get(str(tasks)),
                   "wall_seconds": self.results["wall_seconds"] + time.perf_counter() - self._clock,
+                  "cpu_seconds": self.results["cpu_seconds"] + time.process_time() - self._cpu_clock,
                   "bank_bytes": tasks * self.bank.bytes_per_task, **peak_memory(),
                   "per_task_gnu_accuracy": [round(v, 5) for v in gnu.tolist()],
                   "per_task_inference_accuracy": [round(v, 5) for v in right.float().mean(1).tolist()]}
@@ -284,7 +287,8 @@ def gnu_permuted_mnist(config: GNuConfig, out: str | Path | None = None, progres
 
     For each checkpoint T in order: train up to T tasks (K = ``save_every`` at a time, saving as it goes), then
     evaluate every objective not yet evaluated at T. The dict is what ``out/results.json`` holds: ``config``,
-    ``hardware``, ``train_seconds``, ``eval_seconds``, ``wall_seconds`` (summed over resumed sessions) and
+    ``hardware``, ``train_seconds``, ``eval_seconds``, ``wall_seconds``, ``cpu_seconds`` (CPU time of this process,
+    all threads; both summed over resumed sessions) and
     ``checkpoints``: one record per (T, objective) with ``gnu_accuracy``, ``task_inference_accuracy``,
     ``gg_accuracy``, per-task lists, timings, ``bank_bytes`` and peak memory.
     """
