@@ -13,7 +13,7 @@ Storage rules (each adds one pattern x (d,) to W (d, d)):
 - simplified Storkey   W ← W + (1/d)(x xᵀ − I − x hᵀ − h xᵀ),   h = W x  (the full local field)
   (the authors' code, ``FastHopMaskBN.cache_masks``; its diagonal is not kept at zero)
 
-Recall updates a state s by s_i ← sign(Σ_{j ≠ i} w_ij s_j), keeping s_i when the field is exactly 0.
+Recall updates a state s by s_i ← sign(Σ_{j ≠ i} w_ij s_j), keeping s_i on a tie (|field| ≤ ``tie_tolerance``).
 The self-coupling w_ii is left out of the field: on ±1 states it only adds the constant −½ tr W to the
 energy, and leaving it out makes every asynchronous flip lower E for any symmetric W (the simplified
 Storkey rule can make w_ii negative, and then the textbook field Σ_j w_ij s_j could raise E).
@@ -64,6 +64,12 @@ def to_mask(pattern: torch.Tensor) -> torch.Tensor:
 
 
 # ------------------------------------------------------------------------------------------ storage rules
+def _check_zero_diagonal(W: torch.Tensor) -> None:
+    if bool(W.diagonal().any()):
+        raise ValueError("the textbook Storkey rule needs a zero diagonal (w_ii = 0); "
+                         "start from zeros or from a matrix built by this rule or the Hebbian rule")
+
+
 def hebbian_update(W: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """Hebbian rule, one pattern: W ← W + (1/d)(x xᵀ − I). W: (d, d), x: (d,) → new (d, d)."""
     d = x.numel()
@@ -80,9 +86,7 @@ def storkey_update(W: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     ΔW = (1/d)(x xᵀ − x hᵀ − h xᵀ + W + Wᵀ) off the diagonal. W: (d, d), x: (d,) → new (d, d).
     """
     d = x.numel()
-    if bool(W.diagonal().any()):
-        raise ValueError("the textbook Storkey rule needs a zero diagonal (w_ii = 0); "
-                         "start from zeros or from a matrix built by this rule or the Hebbian rule")
+    _check_zero_diagonal(W)
     h = W @ x
     W_new = torch.add(W.t(), W, alpha=d + 1.0).div_(d)          # W + (W + Wᵀ)/d
     W_new.addr_(x, x - h, alpha=1.0 / d).addr_(h, x, alpha=-1.0 / d)
@@ -191,9 +195,8 @@ def store(patterns: torch.Tensor, rule: Rule = "hebbian", W: torch.Tensor | None
         W = torch.zeros(d, d, dtype=dtype, device=patterns.device)
     check_weights(W, d)
     _check_symmetric(W)
-    if rule == "storkey" and bool(W.diagonal().any()):
-        raise ValueError("the textbook Storkey rule needs a zero diagonal (w_ii = 0); "
-                         "start from zeros or from a matrix built by this rule or the Hebbian rule")
+    if rule == "storkey":
+        _check_zero_diagonal(W)
     patterns = patterns.to(W.dtype)
     for start in range(0, patterns.shape[0], block_size):
         W = _store_block(W, patterns[start:start + block_size], rule)
@@ -312,10 +315,11 @@ def recall(
 ) -> tuple[torch.Tensor, int]:
     """Run the network from each probe until no neuron changes (or ``max_sweeps`` sweeps).
 
-    W: (d, d); probes: (B, d) or (d,) bipolar. ``mode="async"`` updates neurons one at a time (the field
-    leaves out w_ii; |h| ≤ ``tie_tolerance`` keeps the state), in a fresh random order each sweep drawn from ``generator`` and shared by the B
-    probes; ``"sync"`` updates all neurons at once per sweep (it can end in a 2-cycle; then it stops at
-    ``max_sweeps``). Returns (states like probes, number of sweeps until a sweep changed nothing).
+    W: (d, d); probes: (B, d) or (d,) bipolar. The field leaves out w_ii and |h| ≤ ``tie_tolerance`` keeps
+    the state. ``mode="async"`` updates neurons one at a time, in a fresh random order each sweep drawn from
+    ``generator`` and shared by the B probes; ``"sync"`` updates all neurons at once per sweep (it can end in
+    a 2-cycle; then it stops at ``max_sweeps``). Returns (states like probes, number of sweeps until a sweep
+    changed nothing).
     """
     single = probes.dim() == 1
     s = probes.reshape(1, -1).to(W.dtype).clone() if single else probes.to(W.dtype).clone()

@@ -249,21 +249,21 @@ def recover_and_score(model: BNNet, memory: HopfieldMaskMemory, x: torch.Tensor,
                       seed: int = 0, target: Sequence[torch.Tensor] | None = None, **recovery_kwargs) -> dict:
     """Recover a task's masks from its unlabeled images and score them (labels are used only to score).
 
-    ``"transductive"`` (the authors'): adapt on the test batches in order, then score the same images.
-    ``"held_out"``: shuffle the images (seeded), adapt on the first ``adapt_fraction`` of them, score the rest.
+    The images are shuffled with ``seed`` (the authors' test loader shuffles) and cut into batches of
+    ``batch_size``. ``"transductive"`` (the authors' protocol): adapt on all the batches, then score the same
+    images. ``"held_out"``: adapt on the first ``adapt_fraction`` of the shuffled images, score the rest.
     Returns dict(recovery, accuracy, gg_accuracy (with ``target``, on the same scored images; else None),
     adapt_images, scored_images).
     """
     if protocol not in PROTOCOLS:
         raise ValueError(f"unknown protocol {protocol!r}; choose one of {PROTOCOLS}")
-    if protocol == "transductive":
-        adapt_x, score_x, score_y = x, x, y
-    else:
-        if not 0 < adapt_fraction < 1:
-            raise ValueError(f"adapt_fraction must be in (0, 1), got {adapt_fraction}")
-        order = torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(seed)).to(x.device)
-        cut = int(round(adapt_fraction * x.shape[0]))
-        adapt_x, score_x, score_y = x[order[:cut]], x[order[cut:]], y[order[cut:]]
+    if protocol == "held_out" and not 0 < adapt_fraction < 1:
+        raise ValueError(f"adapt_fraction must be in (0, 1), got {adapt_fraction}")
+    order = torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(seed)).to(x.device)
+    x, y = x[order], y[order]
+    cut = x.shape[0] if protocol == "transductive" else int(round(adapt_fraction * x.shape[0]))
+    adapt_x = x[:cut]
+    score_x, score_y = (x, y) if protocol == "transductive" else (x[cut:], y[cut:])
     recovery = recover_masks(model, memory, split_batches(adapt_x, batch_size), target=target, **recovery_kwargs)
     accuracy = evaluate_neuron_masks(model, recovery.masks, score_x, score_y, batch_size)
     gg = None if target is None else evaluate_neuron_masks(model, target, score_x, score_y, batch_size)
