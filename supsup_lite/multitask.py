@@ -61,8 +61,11 @@ def stacked_masked_weights(model: nn.Module, scores: StackedScores,
 def batched_forward(model: nn.Module, weights: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
     """K forwards in one: logits[k] = model(x[k]) with ``weights[name][k]`` swapped in.
 
-    weights: name → (K, *shape); x: (K, B, ...) → logits (K, B, s).
+    weights: name → (K, *shape); x: (K, B, ...) → logits (K, B, s). K = 1 skips ``vmap`` (same values, less
+    per-call overhead).
     """
+    if x.shape[0] == 1:
+        return functional_call(model, {name: w[0] for name, w in weights.items()}, (x[0],)).unsqueeze(0)
     return vmap(lambda w, xb: functional_call(model, w, (xb,)))(weights, x)
 
 

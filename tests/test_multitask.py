@@ -86,6 +86,8 @@ def test_batched_forward_matches_separate_forwards_for_a_conv_net():
     for k in range(2):
         alone = masked_forward(net, {n: w[k] for n, w in weights.items()}, x[k])
         torch.testing.assert_close(together[k], alone, rtol=1e-5, atol=1e-5)
+    single = batched_forward(net, {n: w[1:] for n, w in weights.items()}, x[1:])  # K = 1 takes the plain path
+    torch.testing.assert_close(single[0], together[1], rtol=1e-5, atol=1e-5)
 
 
 def test_bank_does_not_depend_on_k_and_can_resume(lenet, permuted):
