@@ -35,7 +35,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .config import device as default_device
-from .data import PermutedMNIST
+from .data import PermutedMNIST, load_mnist
 from .inference import Objective, entropy, superfluous_logsumexp
 from .masks import MaskBank
 from .models import ARCHITECTURES, frozen_random_model
@@ -143,6 +143,14 @@ def gg_batch_correct(model: nn.Module, bank: MaskBank, stream: PermutedMNIST, ta
     return torch.nn.functional.pad(right, (0, -y.shape[0] % batch_size)).view(-1, batch_size).sum(1)
 
 
+def first_test_images(stream: PermutedMNIST, task: int, batch_size: int, seed: int) -> torch.Tensor:
+    """The first image of every test batch of ``protocols.shuffled_test_set(stream, task, seed)``, i.e. the images
+    One-Shot sees: (⌈N/batch_size⌉, 784). Indexes before transforming, so the test set is never materialised."""
+    images, _ = load_mnist(False, "cpu")
+    order = torch.randperm(images.shape[0], generator=torch.Generator().manual_seed(seed + task))
+    return stream.transform(task, images[order[::batch_size]].to(stream.device))
+
+
 class GNuRun:
     """The state of one run: frozen model, task stream, mask bank, results (JSON-ready).
 
@@ -246,7 +254,7 @@ class GNuRun:
         c, inferred = self.config, []
         for start in tqdm(range(0, tasks, TASKS_PER_PASS), disable=not self.progress, leave=False,
                           desc=f"One-Shot {objective} over {tasks} masks"):
-            firsts = torch.cat([shuffled_test_set(self.stream, t, c.eval_seed)[0][::c.test_batch_size]
+            firsts = torch.cat([first_test_images(self.stream, t, c.test_batch_size, c.eval_seed)
                                 for t in range(start, min(start + TASKS_PER_PASS, tasks))])
             inferred.append(infer_tasks(self.model, self.bank, firsts, objective=OBJECTIVES[objective],
                                         num_tasks=tasks))

@@ -8,7 +8,7 @@ from supsup_lite import experiments
 from supsup_lite.experiments import GNuConfig, GNuRun, gnu_permuted_mnist, paper_eval_ckpts
 from supsup_lite.inference import entropy, superfluous_logsumexp
 from supsup_lite.masks import MaskBank
-from supsup_lite.protocols import gg_accuracy, gnu_accuracy
+from supsup_lite.protocols import gg_accuracy, gnu_accuracy, shuffled_test_set
 
 TINY = dict(tasks=4, model="lenet_300_100", outputs=25, batches=5, save_every=2, checkpoints=(2, 4))
 RECORD_FIELDS = {"tasks", "objective", "gnu_accuracy", "task_inference_accuracy", "gg_accuracy", "eval_seconds",
@@ -62,6 +62,9 @@ def test_a_checkpoint_is_the_gnu_protocol_on_the_masks_learned_so_far(uninterrup
         record = run.result(2, objective)
         assert record["per_task_gnu_accuracy"] == pytest.approx(expected.per_task, abs=1e-5)
         assert record["task_inference_accuracy"] == pytest.approx(expected.task_accuracy, abs=1e-6)
+    for task in range(2):
+        first = experiments.first_test_images(run.stream, task, 128, 0)
+        assert torch.equal(first, shuffled_test_set(run.stream, task, 0)[0][::128])
     gg = gg_accuracy(run.model, run.bank, run.stream)
     assert results["gg_per_task"] == pytest.approx(gg, abs=1e-6)
     assert run.result(4, "H")["gg_accuracy"] == pytest.approx(sum(gg) / 4, abs=1e-6)
