@@ -54,26 +54,37 @@ def load_mnist(train: bool, device: torch.device | str | None = None) -> Batch:
     return images.to(dev), labels.to(dev)
 
 
-def rotate_images(x: torch.Tensor, degrees: float, fill: float = 0.0) -> torch.Tensor:
-    """Rotate flattened square images counter-clockwise by ``degrees`` about the centre, nearest neighbour.
+@lru_cache(maxsize=64)
+def rotation_source_index(side: int, degrees: float) -> torch.Tensor:
+    """For each output pixel of a ``degrees`` counter-clockwise rotation, the flat input pixel it copies.
 
-    x: (B, side²) → (B, side²). Pixels that come from outside the image get ``fill``. Matches PIL's
-    ``rotate`` (no expand, nearest) used by the authors' RotatingMNIST.
+    Returns (side²,) int64 on the CPU; −1 marks output pixels that come from outside the image. Nearest
+    neighbour about the image centre, exactly PIL's ``Image.rotate`` without expand (tested), which the
+    authors' RotatingMNIST uses.
     """
-    side = math.isqrt(x.shape[-1])
-    if side * side != x.shape[-1]:
-        raise ValueError(f"rotate_images expects flattened square images, got {x.shape[-1]} pixels")
     theta = math.radians(degrees)
     cos, sin = math.cos(theta), math.sin(theta)
     # affine_grid maps output coordinates to input ones; image y points down, so a counter-clockwise
     # turn on screen is the inverse rotation matrix in (x, y) grid coordinates.
-    matrix = torch.tensor([[cos, -sin, 0.0], [sin, cos, 0.0]], dtype=x.dtype, device=x.device)
-    images = x.reshape(-1, 1, side, side)
-    inside = torch.ones_like(images)  # second channel: which output pixels come from inside the image
-    grid = F.affine_grid(matrix.expand(images.shape[0], 2, 3), [images.shape[0], 2, side, side], align_corners=False)
-    rotated, valid = F.grid_sample(torch.cat([images, inside], 1), grid, mode="nearest", padding_mode="zeros",
-                                   align_corners=False).unbind(1)
-    return torch.where(valid > 0.5, rotated, torch.full_like(rotated, fill)).reshape(x.shape)
+    matrix = torch.tensor([[[cos, -sin, 0.0], [sin, cos, 0.0]]], dtype=torch.float64)
+    grid = F.affine_grid(matrix, [1, 1, side, side], align_corners=False)
+    source = torch.arange(1, side * side + 1, dtype=torch.float64).view(1, 1, side, side)  # 0 = outside
+    sampled = F.grid_sample(source, grid, mode="nearest", padding_mode="zeros", align_corners=False)
+    return sampled.round().long().view(-1) - 1
+
+
+def rotate_images(x: torch.Tensor, degrees: float, fill: float = 0.0) -> torch.Tensor:
+    """Rotate flattened square images counter-clockwise by ``degrees`` about the centre, nearest neighbour.
+
+    x: (B, side²) → (B, side²). Pixels that come from outside the image get ``fill``. One gather with a
+    cached index (:func:`rotation_source_index`).
+    """
+    side = math.isqrt(x.shape[-1])
+    if side * side != x.shape[-1]:
+        raise ValueError(f"rotate_images expects flattened square images, got {x.shape[-1]} pixels")
+    index = rotation_source_index(side, float(degrees)).to(x.device)
+    rotated = x.index_select(-1, index.clamp(min=0))
+    return torch.where(index >= 0, rotated, torch.full_like(rotated, fill))
 
 
 class TaskStream:

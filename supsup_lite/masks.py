@@ -51,7 +51,7 @@ class _MaskedWeight(torch.autograd.Function):
     @staticmethod
     def forward(ctx, weight: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:  # noqa: D102
         ctx.save_for_backward(weight)
-        return torch.where(scores >= 0, weight, torch.zeros((), dtype=weight.dtype, device=weight.device))
+        return weight * (scores >= 0)  # faster on CPU than torch.where; masked weights are ±0.0
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> tuple[None, torch.Tensor]:  # noqa: D102
