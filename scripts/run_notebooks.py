@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -23,9 +24,13 @@ KERNELSPEC = {"name": "python3", "display_name": "Python 3 (ipykernel)", "langua
 WIDGET_VIEW = "application/vnd.jupyter.widget-view+json"
 
 
+TQDM_TEXT = re.compile(r"\d+%\|.*\|.*\[")
+
+
 def is_dead_progress_bar(output: nbformat.NotebookNode) -> bool:
-    """A tqdm.auto bar saved from a headless run: a widget view without state, shown as '0%|...'."""
-    return WIDGET_VIEW in output.get("data", {}) and "it/s]" in "".join(output["data"].get("text/plain", ""))
+    """A tqdm.auto bar saved from a headless run: a widget view without state, shown as '  0%|  | 0/20 [...'."""
+    data = output.get("data", {})
+    return WIDGET_VIEW in data and bool(TQDM_TEXT.search("".join(data.get("text/plain", ""))))
 
 
 def clean(nb: nbformat.NotebookNode) -> None:
@@ -58,6 +63,7 @@ def main() -> int:
     parser.add_argument("--timeout", type=int, default=3600, help="seconds per cell (default 3600)")
     args = parser.parse_args()
     scale = os.environ.get("SUPSUP_SCALE", "tutorial")
+    os.environ.pop("MPLBACKEND", None)  # a non-inline backend would leave the saved notebooks without figures
     for i, path in enumerate(args.notebooks, 1):
         print(f"[{i}/{len(args.notebooks)}] {path.name} at {scale} scale ...", end=" ", flush=True)
         try:
