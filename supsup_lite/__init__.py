@@ -10,6 +10,8 @@ from .masks import (MaskBank, MaskBankError, apply_masks, init_scores, supermask
                     topk_supermask)
 from .models import (build_model, fc_1024_1024, frozen_random_model, lenet_300_100, maskable_parameters,
                      masked_forward, signed_constant_)
+from .multitask import train_bank, train_masks_at_once
+from .protocols import gg_accuracy, gns_accuracy, gnu_accuracy, task_inference_accuracy
 from .superpose import superposed_weights
 from .training import evaluate, predict, supermask_forward, train_dense, train_supermask
 
