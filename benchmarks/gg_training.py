@@ -18,10 +18,10 @@ import torch
 
 from supsup_lite.config import device as pick_device
 from supsup_lite.data import PermutedMNIST
-from supsup_lite.masks import MaskBank, apply_masks
-from supsup_lite.models import frozen_random_model
-from supsup_lite.multitask import train_masks_at_once
-from supsup_lite.training import evaluate, train_supermask
+from supsup_lite.core.masks import MaskBank, apply_masks
+from supsup_lite.core.models import frozen_random_model
+from supsup_lite.core.multitask import train_masks_at_once
+from supsup_lite.core.training import evaluate, train_supermask
 
 ARCH = "lenet_300_100"
 

@@ -1,7 +1,7 @@
 """One One-Shot task inference (a batch of 128 images) on LeNet 300-100 with 500 outputs, for T masks:
 ours vs the authors' float-stack path, in the same run.
 
-ours:      supsup_lite.inference.one_shot over the bit-packed MaskBank (superposition by popcount, α-gradient by
+ours:      supsup_lite.core.inference.one_shot over the bit-packed MaskBank (superposition by popcount, α-gradient by
            a byte table; no float copy of the masks).
 reference: the authors' path (PAPER.md §2.4): all T masks cached once as a float32 stack (T, P) per layer, then
            W ⊙ Σ_t α_t M_t with autograd through the stack. Building the stack is not timed (the authors cache it
@@ -25,9 +25,9 @@ from typing import Callable
 import torch
 
 from supsup_lite.config import device as pick_device
-from supsup_lite.inference import entropy, one_shot
-from supsup_lite.masks import MaskBank
-from supsup_lite.models import frozen_random_model, maskable_parameters, masked_forward
+from supsup_lite.core.inference import entropy, one_shot
+from supsup_lite.core.masks import MaskBank
+from supsup_lite.core.models import frozen_random_model, maskable_parameters, masked_forward
 
 OUTPUTS = 500
 BATCH = 128
@@ -53,7 +53,7 @@ def random_bank(model: torch.nn.Module, tasks: int, seed: int = 0) -> MaskBank:
 
 def reference_stack(bank: MaskBank, dev: torch.device) -> dict[str, torch.Tensor]:
     """The authors' cache: every mask unpacked to float32, stacked (T, P) per layer."""
-    from supsup_lite.bits import unpack_bits
+    from supsup_lite.core.bits import unpack_bits
 
     return {name: unpack_bits(bank.packed(name), numel, torch.float32).to(dev) for name, numel in bank.numels.items()}
 

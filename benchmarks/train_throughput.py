@@ -17,10 +17,10 @@ import torch
 import torch.nn.functional as F
 
 from supsup_lite.config import data_root, device as pick_device
-from supsup_lite.data import MNIST_MEAN, MNIST_STD, PermutedMNIST
-from supsup_lite.masks import apply_masks, init_scores, threshold_supermask
-from supsup_lite.models import frozen_random_model, maskable_parameters, masked_forward
-from supsup_lite.training import evaluate, train_supermask
+from supsup_lite.data.mnist import MNIST_MEAN, MNIST_STD, PermutedMNIST
+from supsup_lite.core.masks import apply_masks, init_scores, threshold_supermask
+from supsup_lite.core.models import frozen_random_model, maskable_parameters, masked_forward
+from supsup_lite.core.training import evaluate, train_supermask
 
 
 def sync(dev: torch.device) -> None:

@@ -4,15 +4,52 @@ A SupSup model is a frozen random base network plus a bank of binary masks, one 
 below cover the core; the notebooks import the more specialised modules by their submodule path.
 """
 from .config import data_root, device, figures_dir, pick_scale, seed_everything
-from .data import DataNotFoundError, PermutedMNIST, RotatedMNIST, SplitMNIST, load_mnist
-from .inference import alpha_gradient, binary_search, entropy, one_shot, superfluous_logsumexp
-from .masks import (MaskBank, MaskBankError, apply_masks, init_scores, supermask_weight, threshold_supermask,
-                    topk_supermask)
-from .models import (build_model, fc_1024_1024, frozen_random_model, lenet_300_100, maskable_parameters,
-                     masked_forward, signed_constant_)
-from .multitask import train_bank, train_masks_at_once
-from .protocols import gg_accuracy, gns_accuracy, gnu_accuracy, task_inference_accuracy
-from .superpose import superposed_weights
-from .training import evaluate, predict, supermask_forward, train_dense, train_supermask
+from .core.inference import (
+                    alpha_gradient,
+                    binary_search,
+                    entropy,
+                    one_shot,
+                    superfluous_logsumexp,
+)
+from .core.masks import (
+                    MaskBank,
+                    MaskBankError,
+                    apply_masks,
+                    init_scores,
+                    supermask_weight,
+                    threshold_supermask,
+                    topk_supermask,
+)
+from .core.models import (
+                    build_model,
+                    fc_1024_1024,
+                    frozen_random_model,
+                    lenet_300_100,
+                    maskable_parameters,
+                    masked_forward,
+                    signed_constant_,
+)
+from .core.multitask import train_bank, train_masks_at_once
+from .core.superpose import superposed_weights
+from .core.training import (
+                    evaluate,
+                    predict,
+                    supermask_forward,
+                    train_dense,
+                    train_supermask,
+)
+from .data.mnist import (
+                    DataNotFoundError,
+                    PermutedMNIST,
+                    RotatedMNIST,
+                    SplitMNIST,
+                    load_mnist,
+)
+from .scenarios.protocols import (
+                    gg_accuracy,
+                    gns_accuracy,
+                    gnu_accuracy,
+                    task_inference_accuracy,
+)
 
 __version__ = "0.1.0"

@@ -5,9 +5,9 @@ import pytest
 import torch
 
 from supsup_lite.data import PermutedMNIST
-from supsup_lite.masks import MaskBank
-from supsup_lite.models import frozen_random_model
-from supsup_lite.training import train_supermask
+from supsup_lite.core.masks import MaskBank
+from supsup_lite.core.models import frozen_random_model
+from supsup_lite.core.training import train_supermask
 
 
 @pytest.fixture(scope="session")

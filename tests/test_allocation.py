@@ -6,13 +6,13 @@ import math
 import pytest
 import torch
 
-from supsup_lite.allocation import (EPSILON, Check, NNsLearner, allocation_counts, is_new_task, learn_tasks,
-                                    nns_accuracy, novelty_score, task_sequence_batches)
-from supsup_lite.inference import one_shot
-from supsup_lite.masks import apply_masks
-from supsup_lite.models import frozen_random_model
-from supsup_lite.protocols import gnu_accuracy, shuffled_test_set
-from supsup_lite.training import predict, train_supermask
+from supsup_lite.scenarios.allocation import (EPSILON, Check, NNsLearner, allocation_counts, is_new_task,
+                                              learn_tasks, nns_accuracy, novelty_score, task_sequence_batches)
+from supsup_lite.core.inference import one_shot
+from supsup_lite.core.masks import apply_masks
+from supsup_lite.core.models import frozen_random_model
+from supsup_lite.scenarios.protocols import gnu_accuracy, shuffled_test_set
+from supsup_lite.core.training import predict, train_supermask
 
 ARCH, OUTPUTS, BATCHES, CHECK_EVERY = "lenet_300_100", 100, 100, 50
 

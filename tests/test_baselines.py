@@ -8,15 +8,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from supsup_lite.baselines import (PSP, BatchE, OnlineEWC, OnlineEWCMethod, PenalisedOptimizer, SeparateHeads,
-                                   SIMethod, SupSupGNu, SynapticIntelligence, UnsharedLabels, batche_forward,
-                                   batche_weights, fisher_diagonal, psp_contexts, psp_forward, psp_weights,
-                                   quadratic_penalty, random_orthogonal, rank_one_factors, snapshot,
-                                   trainable_parameters)
-from supsup_lite.continual import FineTuning, SupSupGG, dense_model, run_continual, task_accuracy
-from supsup_lite.inference import binary_search, one_shot
-from supsup_lite.models import frozen_random_model, maskable_parameters, masked_forward
-from supsup_lite.storage import SEED_BYTES, dense_bytes
+from supsup_lite.baselines.methods import PSP, BatchE, OnlineEWCMethod, SeparateHeads, SIMethod, SupSupGNu
+from supsup_lite.baselines.regularisers import (OnlineEWC, PenalisedOptimizer, SynapticIntelligence,
+                                                fisher_diagonal, quadratic_penalty, snapshot, trainable_parameters)
+from supsup_lite.data.unshared import UnsharedLabels
+from supsup_lite.baselines.context import (batche_forward, batche_weights, psp_contexts, psp_forward, psp_weights,
+                                           random_orthogonal, rank_one_factors)
+from supsup_lite.scenarios.continual import FineTuning, SupSupGG, dense_model, run_continual, task_accuracy
+from supsup_lite.core.inference import binary_search, one_shot
+from supsup_lite.core.models import frozen_random_model, maskable_parameters, masked_forward
+from supsup_lite.core.storage import SEED_BYTES, dense_bytes
 
 
 def small_mlp(seed: int = 0, outputs: int = 4, bias: bool = False) -> nn.Sequential:

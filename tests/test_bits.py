@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from supsup_lite.bits import pack_bits, packed_size, unpack_bits
+from supsup_lite.core.bits import pack_bits, packed_size, unpack_bits
 
 
 @pytest.mark.parametrize("numel", [1, 7, 8, 9, 784 * 300, 1001])

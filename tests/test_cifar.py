@@ -16,12 +16,13 @@ import torchvision.transforms.functional as TF
 from PIL import Image
 from torchvision.datasets import CIFAR100
 
-import supsup_lite.cifar as cifar
-from supsup_lite.cifar import (CIFAR_MEAN, CIFAR_STD, SplitCIFAR100, cifar100_available, cifar100_skip_message,
-                               crop_flip, crop_flip_params)
+import supsup_lite.data.cifar as cifar
+from supsup_lite.data.cifar import (CIFAR_MEAN, CIFAR_STD, SplitCIFAR100, cifar100_available,
+                                    cifar100_skip_message, crop_flip, crop_flip_params)
 from supsup_lite.data import DataNotFoundError
-from supsup_lite.gg_cifar import evaluate_gg_task, run_split_cifar100, task_weights, topk_masks, train_gg_task
-from supsup_lite.resnet import batchnorm_stats, er_densities, frozen_gem_resnet18
+from supsup_lite.scenarios.gg_cifar import (evaluate_gg_task, run_split_cifar100, task_weights, topk_masks,
+                                            train_gg_task)
+from supsup_lite.scenarios.resnet import batchnorm_stats, er_densities, frozen_gem_resnet18
 
 TRAIN_PER_CLASS, TEST_PER_CLASS = 4, 2
 

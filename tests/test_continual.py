@@ -3,10 +3,10 @@ import numpy as np
 import pytest
 import torch
 
-from supsup_lite.continual import (ContinualMethod, FineTuning, FineTuningFromSnapshots, SupSupGG, UpperBound,
-                                   dense_model, evaluation_set, run_continual, task_accuracy)
-from supsup_lite.models import frozen_random_model, masked_forward, maskable_parameters
-from supsup_lite.storage import SEED_BYTES
+from supsup_lite.scenarios.continual import (ContinualMethod, FineTuning, FineTuningFromSnapshots, SupSupGG,
+                                             UpperBound, dense_model, evaluation_set, run_continual, task_accuracy)
+from supsup_lite.core.models import frozen_random_model, masked_forward, maskable_parameters
+from supsup_lite.core.storage import SEED_BYTES
 
 
 class Scripted(ContinualMethod):

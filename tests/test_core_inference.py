@@ -1,7 +1,7 @@
 """Task inference on really trained masks, through the public core API."""
 import torch
 
-from supsup_lite.inference import binary_search, binary_search_step, one_shot
+from supsup_lite.core.inference import binary_search, binary_search_step, one_shot
 
 
 def test_one_shot_and_binary_find_the_task_of_a_batch(trained_bank, permuted):

@@ -4,11 +4,11 @@ import json
 import pytest
 import torch
 
-from supsup_lite import experiments
-from supsup_lite.experiments import GNuConfig, GNuRun, gnu_permuted_mnist, paper_eval_ckpts
-from supsup_lite.inference import entropy, superfluous_logsumexp
-from supsup_lite.masks import MaskBank
-from supsup_lite.protocols import gg_accuracy, gnu_accuracy, shuffled_test_set
+from supsup_lite.scenarios import experiments
+from supsup_lite.scenarios.experiments import GNuConfig, GNuRun, gnu_permuted_mnist, paper_eval_ckpts
+from supsup_lite.core.inference import entropy, superfluous_logsumexp
+from supsup_lite.core.masks import MaskBank
+from supsup_lite.scenarios.protocols import gg_accuracy, gnu_accuracy, shuffled_test_set
 
 TINY = dict(tasks=4, model="lenet_300_100", outputs=25, batches=5, save_every=2, checkpoints=(2, 4))
 RECORD_FIELDS = {"tasks", "objective", "gnu_accuracy", "task_inference_accuracy", "gg_accuracy", "eval_seconds",
@@ -130,7 +130,7 @@ def test_cli_writes_the_json(tmp_path, capsys):
 def test_command_line_round_trips_through_the_parser():
     config = GNuConfig(tasks=30, model="fc1024", outputs=500, objectives=("G",), batches=200, checkpoints=(5, 10))
     words = experiments.command_line(config, "runs/x").split()
-    assert words[:4] == ["python", "-m", "supsup_lite.experiments", "gnu_permuted_mnist"]
+    assert words[:4] == ["python", "-m", "supsup_lite", "gnu_permuted_mnist"]
     args = experiments.parse_args(words[3:])
     assert GNuConfig(**{k: v for k, v in vars(args).items() if k in GNuConfig.__dataclass_fields__}) == config
     assert str(args.out) == "runs/x"

@@ -6,20 +6,11 @@ import torch
 import torch.nn.functional as F
 
 from supsup_lite.data import SplitMNIST
-from supsup_lite.hopfield import energy, store, to_bipolar
-from supsup_lite.hopsupsup import (
-    BNNet,
-    HopfieldMaskMemory,
-    all_ones,
-    evaluate_neuron_masks,
-    frozen_bnnet,
-    hamming,
-    recover_and_score,
-    recover_masks,
-    split_batches,
-    train_neuron_masks,
-)
-from supsup_lite.inference import entropy
+from supsup_lite.scenarios.hopfield import energy, store, to_bipolar
+from supsup_lite.scenarios.hopsupsup import (BNNet, HopfieldMaskMemory, all_ones, evaluate_neuron_masks,
+                                             frozen_bnnet, hamming, recover_and_score, recover_masks,
+                                             split_batches, train_neuron_masks)
+from supsup_lite.core.inference import entropy
 
 
 def plain_bnnet(model: BNNet, x: torch.Tensor, masks) -> torch.Tensor:

@@ -4,11 +4,11 @@ import pytest
 import torch
 from torch import nn
 
-from supsup_lite.inference import (alpha_gradient, alpha_gradient_each, binary_search, binary_search_each, entropy,
-                                   is_fully_connected, one_shot, one_shot_each, superfluous_logsumexp,
-                                   uniform_alphas)
-from supsup_lite.masks import MaskBank
-from supsup_lite.models import frozen_random_model, maskable_parameters
+from supsup_lite.core.inference import (alpha_gradient, alpha_gradient_each, binary_search, binary_search_each,
+                                        entropy, is_fully_connected, one_shot, one_shot_each,
+                                        superfluous_logsumexp, uniform_alphas)
+from supsup_lite.core.masks import MaskBank
+from supsup_lite.core.models import frozen_random_model, maskable_parameters
 
 
 def random_bank(tasks: int, outputs: int = 20, seed: int = 0, same_masks: bool = False):

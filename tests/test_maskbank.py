@@ -5,9 +5,9 @@ import warnings
 import pytest
 import torch
 
-from supsup_lite.bits import packed_size, unpack_bits
-from supsup_lite.masks import MaskBank, MaskBankError
-from supsup_lite.models import frozen_random_model
+from supsup_lite.core.bits import packed_size, unpack_bits
+from supsup_lite.core.masks import MaskBank, MaskBankError
+from supsup_lite.core.models import frozen_random_model
 
 # Odd sizes on purpose: 91 and 5 weights leave padding bits in the last byte.
 SHAPES = {"layer.weight": (13, 7), "conv.weight": (4, 3, 3, 3), "head.weight": (5,)}

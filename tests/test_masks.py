@@ -3,8 +3,8 @@ import math
 import pytest
 import torch
 
-from supsup_lite.masks import apply_masks, init_scores, supermask_weight, threshold_supermask, topk_supermask
-from supsup_lite.models import frozen_random_model, maskable_parameters
+from supsup_lite.core.masks import apply_masks, init_scores, supermask_weight, threshold_supermask, topk_supermask
+from supsup_lite.core.models import frozen_random_model, maskable_parameters
 
 
 def test_scores_are_kaiming_uniform():

@@ -3,8 +3,8 @@ import math
 import pytest
 import torch
 
-from supsup_lite.models import (build_model, frozen_random_model, maskable_parameters, masked_forward,
-                                signed_constant_)
+from supsup_lite.core.models import (build_model, frozen_random_model, maskable_parameters, masked_forward,
+                                     signed_constant_)
 
 
 def test_signed_constant_values_and_freezing():

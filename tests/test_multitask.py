@@ -5,11 +5,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from supsup_lite.data import SplitMNIST
-from supsup_lite.masks import init_scores, supermask_weight
-from supsup_lite.models import build_model, frozen_random_model, masked_forward, signed_constant_
-from supsup_lite.multitask import (batched_forward, stacked_masked_weights, stacked_scores, summed_task_losses,
-                                   train_bank, train_masks_at_once)
-from supsup_lite.training import train_supermask
+from supsup_lite.core.masks import init_scores, supermask_weight
+from supsup_lite.core.models import build_model, frozen_random_model, masked_forward, signed_constant_
+from supsup_lite.core.multitask import (batched_forward, stacked_masked_weights, stacked_scores,
+                                        summed_task_losses, train_bank, train_masks_at_once)
+from supsup_lite.core.training import train_supermask
 
 
 @pytest.fixture(scope="module")

@@ -2,11 +2,11 @@
 import pytest
 import torch
 
-from supsup_lite.inference import one_shot
-from supsup_lite.masks import apply_masks
-from supsup_lite.protocols import (gg_accuracy, gns_accuracy, gnu_accuracy, infer_tasks, shuffled_test_set,
-                                   task_inference_accuracy)
-from supsup_lite.training import evaluate, predict
+from supsup_lite.core.inference import one_shot
+from supsup_lite.core.masks import apply_masks
+from supsup_lite.scenarios.protocols import (gg_accuracy, gns_accuracy, gnu_accuracy, infer_tasks,
+                                             shuffled_test_set, task_inference_accuracy)
+from supsup_lite.core.training import evaluate, predict
 
 
 def test_gnu_matches_the_papers_loop(trained_bank, permuted):

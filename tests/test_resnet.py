@@ -7,10 +7,10 @@ import pytest
 import torch
 from torch.func import functional_call
 
-from supsup_lite.masks import topk_supermask
-from supsup_lite.models import maskable_parameters
-from supsup_lite.resnet import (batchnorm_stats, er_densities, er_density, frozen_gem_resnet18, gem_resnet18,
-                                kept_weights)
+from supsup_lite.core.masks import topk_supermask
+from supsup_lite.core.models import maskable_parameters
+from supsup_lite.scenarios.resnet import (batchnorm_stats, er_densities, er_density, frozen_gem_resnet18,
+                                          gem_resnet18, kept_weights)
 
 
 @pytest.fixture(scope="module")

@@ -4,10 +4,10 @@ import pytest
 import scipy.sparse
 import torch
 
-from supsup_lite.masks import MaskBank
-from supsup_lite.models import frozen_random_model, maskable_parameters
-from supsup_lite.storage import (SEED_BYTES, bitpacked_bytes, bytes_per_task, csc_matrix_bytes, dense_bytes,
-                                 density, sparse_csc_bytes, total_bytes)
+from supsup_lite.core.masks import MaskBank
+from supsup_lite.core.models import frozen_random_model, maskable_parameters
+from supsup_lite.core.storage import (SEED_BYTES, bitpacked_bytes, bytes_per_task, csc_matrix_bytes, dense_bytes,
+                                      density, sparse_csc_bytes, total_bytes)
 
 
 def random_mask(shape, keep, seed=0):

@@ -2,12 +2,12 @@
 import pytest
 import torch
 
-import supsup_lite.superpose as sp
-from supsup_lite.bits import pack_bits, unpack_bits
-from supsup_lite.masks import MaskBank
-from supsup_lite.models import frozen_random_model, maskable_parameters
-from supsup_lite.superpose import (mask_counts, masks_dot, superposed_mask, superposed_mask_reference,
-                                   superposed_weights, unpack_float)
+import supsup_lite.core.superpose as sp
+from supsup_lite.core.bits import pack_bits, unpack_bits
+from supsup_lite.core.masks import MaskBank
+from supsup_lite.core.models import frozen_random_model, maskable_parameters
+from supsup_lite.core.superpose import (mask_counts, masks_dot, superposed_mask, superposed_mask_reference,
+                                        superposed_weights, unpack_float)
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 

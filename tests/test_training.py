@@ -1,9 +1,9 @@
 import pytest
 import torch
 
-from supsup_lite.masks import apply_masks
-from supsup_lite.models import build_model, frozen_random_model, maskable_parameters
-from supsup_lite.training import evaluate, train_dense, train_supermask
+from supsup_lite.core.masks import apply_masks
+from supsup_lite.core.models import build_model, frozen_random_model, maskable_parameters
+from supsup_lite.core.training import evaluate, train_dense, train_supermask
 
 
 def test_supermask_training_learns_and_never_changes_weights(permuted):

@@ -3,9 +3,9 @@ pure functions (observers run synchronously, no browser)."""
 import pytest
 import torch
 
-from supsup_lite.inference import alpha_gradient, one_shot
-from supsup_lite.widgets import (MAX_TASKS, AlphaExplorer, alpha_readout, bars_html, binary_step, effective_alphas,
-                                 one_shot_step)
+from supsup_lite.core.inference import alpha_gradient, one_shot
+from supsup_lite.notebook.widgets import (MAX_TASKS, AlphaExplorer, alpha_readout, bars_html, binary_step,
+                                          effective_alphas, one_shot_step)
 
 
 @pytest.fixture

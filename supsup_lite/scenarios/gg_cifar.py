@@ -17,11 +17,19 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .cifar import SplitCIFAR100
-from .masks import Masks, MaskBank, apply_masks, init_scores, topk_supermask
-from .models import maskable_parameters
-from .resnet import ARCH, GEM_WIDTH, Buffers, batchnorm_stats, er_densities, frozen_gem_resnet18, kept_weights
-from .training import TrainHistory, evaluate, fit
+from ..core.masks import MaskBank, Masks, apply_masks, init_scores, topk_supermask
+from ..core.models import maskable_parameters
+from ..core.training import TrainHistory, evaluate, fit
+from ..data.cifar import SplitCIFAR100
+from .resnet import (
+    ARCH,
+    GEM_WIDTH,
+    Buffers,
+    batchnorm_stats,
+    er_densities,
+    frozen_gem_resnet18,
+    kept_weights,
+)
 
 
 def topk_masks(scores: Masks, densities: dict[str, float]) -> Masks:

@@ -16,8 +16,8 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from .config import data_root, device as default_device
-from .data import Batch, DataNotFoundError, TaskStream, not_found_message
+from ..config import data_root, device as default_device
+from .mnist import Batch, DataNotFoundError, TaskStream, not_found_message
 
 NUM_CIFAR100_CLASSES = 100
 IMAGE_SHAPE = (3, 32, 32)

@@ -2,7 +2,7 @@
 
 CLI (notebook 04 calls the same :func:`gnu_permuted_mnist`)::
 
-    python -m supsup_lite.experiments gnu_permuted_mnist --tasks 250 --model lenet_300_100 --outputs 100 \
+    python -m supsup_lite gnu_permuted_mnist --tasks 250 --model lenet_300_100 --outputs 100 \
         --objective H,G --batches 1000 --out runs/lenet250
 
 Masks are trained K = ``save_every`` tasks at once (``multitask.train_bank``); after every K tasks the bank
@@ -34,14 +34,14 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .config import device as default_device
-from .data import PermutedMNIST, load_mnist
-from .inference import Objective, entropy, superfluous_logsumexp
-from .masks import MaskBank
-from .models import ARCHITECTURES, frozen_random_model
-from .multitask import train_bank
+from ..config import device as default_device
+from ..core.inference import Objective, entropy, superfluous_logsumexp
+from ..core.masks import MaskBank
+from ..core.models import ARCHITECTURES, frozen_random_model
+from ..core.multitask import train_bank
+from ..core.training import predict
+from ..data.mnist import PermutedMNIST, load_mnist
 from .protocols import infer_tasks, shuffled_test_set, task_weights
-from .training import predict
 
 OBJECTIVES: dict[str, Objective] = {"H": entropy, "G": superfluous_logsumexp}
 MODEL_ALIASES = {"lenet": "lenet_300_100", "fc1024": "fc_1024_1024"}
@@ -315,7 +315,7 @@ def gnu_permuted_mnist(config: GNuConfig, out: str | Path | None = None, progres
 
 def command_line(config: GNuConfig, out: str | Path | None = None) -> str:
     """The CLI command that runs ``config`` (settings that differ from the defaults, plus ``--out``)."""
-    defaults, words = GNuConfig(tasks=config.tasks), ["python -m supsup_lite.experiments gnu_permuted_mnist"]
+    defaults, words = GNuConfig(tasks=config.tasks), ["python -m supsup_lite gnu_permuted_mnist"]
     for f in fields(GNuConfig):
         value = getattr(config, f.name)
         if f.name == "tasks" or value != getattr(defaults, f.name):
@@ -329,7 +329,7 @@ def _tuple_of(kind: type, text: str) -> tuple:
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m supsup_lite.experiments", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m supsup_lite", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="experiment", required=True)
     gnu = commands.add_parser("gnu_permuted_mnist", help="GNu PermutedMNIST: train masks, One-Shot evaluation")
     defaults = GNuConfig()

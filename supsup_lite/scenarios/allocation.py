@@ -33,12 +33,12 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .data import Batch, TaskStream
-from .inference import alpha_gradient
-from .masks import Masks, MaskBank, init_scores
-from .models import maskable_parameters
+from ..core.inference import alpha_gradient
+from ..core.masks import MaskBank, Masks, init_scores
+from ..core.models import maskable_parameters
+from ..core.training import fit, predict, supermask_forward
+from ..data.mnist import Batch, TaskStream
 from .protocols import ProtocolResult, infer_tasks, shuffled_test_set, task_weights
-from .training import fit, predict, supermask_forward
 
 EPSILON = 2.0 ** -3
 LabelledBatch = tuple[int, torch.Tensor, torch.Tensor]

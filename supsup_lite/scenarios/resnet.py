@@ -19,8 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import device as default_device
-from .models import maskable_parameters, signed_constant_
+from ..config import device as default_device
+from ..core.models import maskable_parameters, signed_constant_
 
 ARCH = "gem_resnet18"
 GEM_WIDTH = 20

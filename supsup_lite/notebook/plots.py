@@ -6,7 +6,7 @@ from pathlib import Path
 import matplotlib.pyplot as plt
 import seaborn as sns
 
-from .config import figures_dir
+from ..config import figures_dir
 
 
 def use_style() -> None:

@@ -25,13 +25,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import device as default_device
-from .data import TaskStream
+from ..config import device as default_device
+from ..core.inference import entropy
+from ..core.masks import threshold_supermask
+from ..core.models import signed_constant_
+from ..core.training import TrainHistory, fit
+from ..data.mnist import TaskStream
 from .hopfield import Rule, energy, store, to_bipolar
-from .inference import entropy
-from .masks import threshold_supermask
-from .models import signed_constant_
-from .training import TrainHistory, fit
 
 NeuronMasks = list[torch.Tensor]  # one (d_l,) tensor per hidden layer
 

@@ -28,12 +28,12 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .data import Batch, TaskStream
-from .masks import Masks, MaskBank, apply_masks
-from .models import build_model
-from .multitask import output_size, task_seed, train_masks_at_once
-from .storage import SEED_BYTES, dense_bytes
-from .training import predict, train_dense
+from ..core.masks import MaskBank, Masks, apply_masks
+from ..core.models import build_model
+from ..core.multitask import output_size, task_seed, train_masks_at_once
+from ..core.storage import SEED_BYTES, dense_bytes
+from ..core.training import predict, train_dense
+from ..data.mnist import Batch, TaskStream
 
 
 @runtime_checkable

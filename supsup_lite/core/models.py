@@ -12,7 +12,7 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from .config import device as default_device
+from ..config import device as default_device
 
 MASKABLE_LAYERS = (nn.Linear, nn.Conv2d)
 

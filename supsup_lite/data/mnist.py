@@ -15,7 +15,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .config import data_root, device as default_device
+from ..config import data_root, device as default_device
 
 MNIST_MEAN, MNIST_STD = 0.1307, 0.3081
 IMAGE_SIDE = 28

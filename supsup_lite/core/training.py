@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from .data import Batch, TaskStream
+from ..data.mnist import Batch, TaskStream
 from .masks import Masks, init_scores, supermask_weight, topk_supermask
 from .models import maskable_parameters, masked_forward
 

@@ -22,8 +22,8 @@ from torch import nn
 from torch.func import functional_call, vmap
 from tqdm.auto import tqdm
 
-from .data import Batch, TaskStream
-from .masks import Masks, MaskBank, init_scores, supermask_weight, topk_supermask
+from ..data.mnist import Batch, TaskStream
+from .masks import MaskBank, Masks, init_scores, supermask_weight, topk_supermask
 from .models import maskable_parameters
 
 StackedScores = dict[str, torch.Tensor]

@@ -16,11 +16,11 @@ import ipywidgets as widgets
 import torch
 from torch import nn
 
-from .data import TaskStream
-from .inference import alpha_gradient, binary_search_step
-from .masks import MaskBank
-from .models import masked_forward
-from .superpose import superposed_weights
+from ..core.inference import alpha_gradient, binary_search_step
+from ..core.masks import MaskBank
+from ..core.models import masked_forward
+from ..core.superpose import superposed_weights
+from ..data.mnist import TaskStream
 
 MAX_TASKS = 10
 

@@ -19,11 +19,19 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .data import TaskStream
-from .inference import (Objective, alpha_gradient_each, binary_search, binary_search_each, entropy, first_tasks,
-                        is_fully_connected, one_shot)
-from .masks import MaskBank, apply_masks
-from .training import evaluate, predict
+from ..core.inference import (
+    Objective,
+    alpha_gradient_each,
+    binary_search,
+    binary_search_each,
+    entropy,
+    first_tasks,
+    is_fully_connected,
+    one_shot,
+)
+from ..core.masks import MaskBank, apply_masks
+from ..core.training import evaluate, predict
+from ..data.mnist import TaskStream
 
 Method = Literal["one_shot", "binary"]
 METHODS = ("one_shot", "binary")

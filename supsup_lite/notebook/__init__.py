@@ -1,0 +1,1 @@
+"""What only the notebooks use: the series' plot style and the interactive α explorer."""
