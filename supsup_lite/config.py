@@ -54,6 +54,25 @@ def seed_everything(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
+SEED_PURPOSES = ("scores", "batches", "evaluation", "weights", "factors", "contexts", "penalty", "classes")
+
+
+def derive_seed(run_seed: int, task: int, purpose: str) -> int:
+    """The seed of one random choice of a run: independent streams per (run seed, task, purpose).
+
+    ``numpy.random.SeedSequence([run_seed, task, purpose index])`` hashes the three into a 63-bit seed, so run s
+    task t never shares a stream with run s+1 task t−1 (as ``seed + task`` would), and a method's score init
+    and batch order are independent. purpose: one of ``SEED_PURPOSES``.
+    """
+    if purpose not in SEED_PURPOSES:
+        raise ValueError(f"purpose must be one of {SEED_PURPOSES}, got {purpose!r}")
+    for name, value in (("run_seed", run_seed), ("task", task)):
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
+            raise ValueError(f"{name} must be a non-negative int, got {value!r}")
+    state = np.random.SeedSequence([int(run_seed), int(task), SEED_PURPOSES.index(purpose)]).generate_state(2)
+    return int((int(state[0]) << 31) ^ int(state[1])) & ((1 << 63) - 1)
+
+
 def data_root() -> Path:
     """Dataset root from ``SUPSUP_DATA`` (default ``data/``); relative paths start at the project root."""
     root = Path(os.environ.get("SUPSUP_DATA", "data")).expanduser()

@@ -63,3 +63,17 @@ def test_data_root_relative_to_project(monkeypatch, tmp_path):
     assert config.data_root() == (config.project_root() / "some/data").resolve()
     monkeypatch.setenv("SUPSUP_DATA", str(tmp_path))
     assert config.data_root() == Path(tmp_path)
+
+
+def test_derive_seed_gives_independent_streams_per_run_task_and_purpose():
+    from supsup_lite.config import SEED_PURPOSES, derive_seed
+
+    seeds = {derive_seed(run, task, purpose) for run in range(4) for task in range(50) for purpose in SEED_PURPOSES}
+    assert len(seeds) == 4 * 50 * len(SEED_PURPOSES)           # no collisions, unlike seed + task
+    assert derive_seed(1, 0, "scores") != derive_seed(0, 1, "scores")
+    assert derive_seed(3, 7, "batches") == derive_seed(3, 7, "batches")
+    assert all(0 <= s < 2**63 for s in seeds)
+    with pytest.raises(ValueError, match="purpose must be one of"):
+        derive_seed(0, 0, "init")
+    with pytest.raises(ValueError, match="task must be a non-negative int"):
+        derive_seed(0, 1.5, "scores")
