@@ -89,7 +89,7 @@ def main() -> int:
         row["seconds_per_task"] = row["seconds"] / row["tasks"]
         row["tasks_per_minute"] = 60.0 / row["seconds_per_task"]
         row["speedup"] = base / row["seconds_per_task"]
-    bank_bytes = MaskBank.for_model(model, ARCH, 0, args.outputs).bytes_per_task
+    bank_bytes = MaskBank.for_model(model).bytes_per_task
     result = {
         "benchmark": "gg_training", "device": str(dev), "threads": torch.get_num_threads(),
         "cpu": platform.processor() or platform.machine(), "torch": torch.__version__,

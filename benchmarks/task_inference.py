@@ -35,7 +35,7 @@ BATCH = 128
 
 def random_bank(model: torch.nn.Module, tasks: int, seed: int = 0) -> MaskBank:
     """A bank of ``tasks`` random masks (density ½), written straight into the packed storage (fast to build)."""
-    bank = MaskBank.for_model(model, "lenet_300_100", base_seed=0, num_outputs=OUTPUTS)
+    bank = MaskBank.for_model(model)
     g = torch.Generator().manual_seed(seed)
     params = maskable_parameters(model)
     first = {n: torch.rand(p.shape, generator=g) < 0.5 for n, p in params.items()}

@@ -32,17 +32,29 @@ def device() -> torch.device:
     name = os.environ.get("SUPSUP_DEVICE", "").strip()
     if not name:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return _checked_device(name, "SUPSUP_DEVICE", "unset it")
+
+
+def resolve_device(requested: torch.device | str | None) -> torch.device:
+    """The device a function runs on: ``requested``, or :func:`device` when None. Raises ``ValueError`` for a
+    device that is not a CPU or an existing CUDA GPU (every default in the package goes through here)."""
+    if requested is None:
+        return device()
+    return _checked_device(requested, "device", "pass device=None to use the default")
+
+
+def _checked_device(requested: torch.device | str, what: str, fix: str) -> torch.device:
     try:
-        dev = torch.device(name)
-    except RuntimeError as err:
-        raise ValueError(f"SUPSUP_DEVICE={name!r} is not a device name; use cpu, cuda or cuda:N") from err
+        dev = torch.device(requested)
+    except (RuntimeError, TypeError) as err:
+        raise ValueError(f"{what}={requested!r} is not a device name; use cpu, cuda or cuda:N") from err
     if dev.type not in ("cpu", "cuda"):
-        raise ValueError(f"SUPSUP_DEVICE={name!r}: only cpu and cuda are supported")
+        raise ValueError(f"{what}={requested!r}: only cpu and cuda are supported")
     if dev.type == "cuda":
         if not torch.cuda.is_available():
-            raise ValueError(f"SUPSUP_DEVICE={name!r} but torch sees no CUDA GPU; unset it or use cpu")
+            raise ValueError(f"{what}={requested!r} but torch sees no CUDA GPU; {fix} or use cpu")
         if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise ValueError(f"SUPSUP_DEVICE={name!r} but only {torch.cuda.device_count()} GPU(s) exist")
+            raise ValueError(f"{what}={requested!r} but only {torch.cuda.device_count()} GPU(s) exist")
     return dev
 
 

@@ -10,6 +10,15 @@ from supsup_lite.core.models import frozen_random_model
 from supsup_lite.core.training import train_supermask
 
 
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+@pytest.fixture(params=DEVICES)
+def device(request: pytest.FixtureRequest) -> torch.device:
+    """Every available device: the core tests run on the CPU everywhere and on CUDA where a GPU exists."""
+    return torch.device(request.param)
+
+
 @pytest.fixture(scope="session")
 def permuted() -> PermutedMNIST:
     return PermutedMNIST(num_tasks=5, device="cpu")
@@ -19,7 +28,7 @@ def permuted() -> PermutedMNIST:
 def trained_bank(permuted: PermutedMNIST) -> tuple[torch.nn.Module, MaskBank]:
     """LeNet 300-100 (s=10) with 4 PermutedMNIST masks, each trained for 150 batches of 128."""
     model = frozen_random_model("lenet_300_100", 10, seed=0, device="cpu")
-    bank = MaskBank.for_model(model, "lenet_300_100", base_seed=0, num_outputs=10)
+    bank = MaskBank.for_model(model, stream=permuted)
     for task in range(4):
         masks, _ = train_supermask(model, permuted, task, num_batches=150, seed=task, progress=False)
         bank.append(masks)

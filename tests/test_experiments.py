@@ -54,7 +54,7 @@ def test_a_checkpoint_is_the_gnu_protocol_on_the_masks_learned_so_far(uninterrup
     """The record at T = 2 (bank already holding 4 masks) equals the protocol on a bank of only the first 2."""
     out, results = uninterrupted
     run = GNuRun(GNuConfig(**TINY), out, progress=False)
-    first_two = MaskBank.for_model(run.model, "lenet_300_100", 0, TINY["outputs"])
+    first_two = MaskBank.for_model(run.model)
     for task in range(2):
         first_two.append(run.bank.get(task, torch.bool))
     for objective, fn in (("H", entropy), ("G", superfluous_logsumexp)):

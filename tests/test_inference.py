@@ -13,7 +13,7 @@ from supsup_lite.core.models import frozen_random_model, maskable_parameters
 
 def random_bank(tasks: int, outputs: int = 20, seed: int = 0, same_masks: bool = False):
     model = frozen_random_model("lenet_300_100", outputs, seed=0, device="cpu")
-    bank = MaskBank.for_model(model, "lenet_300_100", base_seed=0, num_outputs=outputs)
+    bank = MaskBank.for_model(model)
     g = torch.Generator().manual_seed(seed)
     masks = {n: torch.rand(p.shape, generator=g) < 0.5 for n, p in maskable_parameters(model).items()}
     for _ in range(tasks):

@@ -38,7 +38,7 @@ def test_pointers_widen_past_65535_kept_weights():
 def test_bitpacked_bytes_are_what_the_bank_holds():
     model = frozen_random_model("lenet_300_100", 100, seed=0, device="cpu")
     masks = {n: random_mask(p.shape, 0.5, i) for i, (n, p) in enumerate(maskable_parameters(model).items())}
-    bank = MaskBank.for_model(model, "lenet_300_100", 0, 100)
+    bank = MaskBank.for_model(model)
     bank.append(masks)
     assert bitpacked_bytes(masks) == bitpacked_bytes({n: m.shape for n, m in masks.items()}) == bank.nbytes
     assert bitpacked_bytes(masks) == 275_200 // 8  # PAPER.md §3.3

@@ -94,7 +94,7 @@ def test_default_blocks_over_127_tasks_leave_the_bank_untouched():
 @pytest.fixture(scope="module")
 def random_bank():
     model = frozen_random_model("lenet_300_100", 20, seed=0, device="cpu")
-    bank = MaskBank.for_model(model, "lenet_300_100", base_seed=0, num_outputs=20)
+    bank = MaskBank.for_model(model)
     g = torch.Generator().manual_seed(0)
     for _ in range(5):
         bank.append({n: torch.rand(p.shape, generator=g) < 0.5 for n, p in maskable_parameters(model).items()})
@@ -116,7 +116,7 @@ def test_bad_inputs_raise_clear_errors(random_bank):
         superposed_weights(model, bank, torch.ones(4))
     with pytest.raises(ValueError, match="floating"):
         superposed_weights(model, bank, torch.ones(5, dtype=torch.long))
-    empty = MaskBank.for_model(model, "lenet_300_100", base_seed=0, num_outputs=20)
+    empty = MaskBank.for_model(model)
     with pytest.raises(ValueError, match="empty mask bank"):
         superposed_weights(model, empty, torch.ones(0))
     with pytest.raises(ValueError, match="expected 2"):

@@ -4,13 +4,19 @@ from __future__ import annotations
 import json
 import math
 import zlib
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from .bits import pack_bits, packed_size, unpack_bits
+from ..config import resolve_device
 from .models import maskable_parameters
+
+if TYPE_CHECKING:
+    from ..data.mnist import TaskStream
 
 Masks = dict[str, torch.Tensor]
 
@@ -90,37 +96,127 @@ def apply_masks(model: nn.Module, masks: Masks) -> Masks:
 
 
 class MaskBankError(ValueError):
-    """A mask bank that does not fit a model, a task, or a file."""
+    """A mask bank that does not fit a model, a task stream, a task, or a file."""
 
 
 FORMAT_NAME = "supsup-lite-maskbank"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+
+
+@dataclass(frozen=True)
+class NetworkFingerprint:
+    """What identifies a frozen base network: architecture, seed, maskable shapes, and its sign pattern.
+
+    ``signs_crc32`` is the CRC32 of the packed bits 1[W > 0] of every maskable weight in model order, so two
+    networks with the same shapes but other random signs (another seed) differ. ``seed`` is informative (None
+    when the model does not record one); equality compares every field.
+    """
+
+    arch: str
+    seed: int | None
+    shapes: tuple[tuple[str, tuple[int, ...]], ...]
+    signs_crc32: int
+
+    @classmethod
+    def of(cls, model: nn.Module) -> "NetworkFingerprint":
+        """The fingerprint of ``model`` (cached on the model until one of its weights changes)."""
+        params = maskable_parameters(model)
+        if not params:
+            raise MaskBankError(f"{type(model).__name__} has no maskable (Linear/Conv2d) weights")
+        key = tuple((p.data_ptr(), p._version) for p in params.values())
+        cached = getattr(model, "_supsup_fingerprint", None)
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        signs = torch.cat([pack_bits(p.detach().reshape(-1) > 0) for p in params.values()])
+        fingerprint = cls(arch=str(getattr(model, "arch", type(model).__name__)),
+                          seed=getattr(model, "base_seed", None),
+                          shapes=tuple((name, tuple(p.shape)) for name, p in params.items()),
+                          signs_crc32=_tensor_checksum(signs.cpu()))
+        object.__setattr__(model, "_supsup_fingerprint", (key, fingerprint))  # not a submodule or buffer
+        return fingerprint
+
+    @property
+    def num_outputs(self) -> int:
+        """Outputs of the last maskable layer (the head)."""
+        return self.shapes[-1][1][0]
+
+    def to_dict(self) -> dict:
+        """JSON-ready form (shapes as lists)."""
+        return {"arch": self.arch, "seed": self.seed, "shapes": [[n, list(s)] for n, s in self.shapes],
+                "signs_crc32": self.signs_crc32}
+
+    @classmethod
+    def from_dict(cls, state: dict) -> "NetworkFingerprint":
+        """Inverse of :meth:`to_dict`."""
+        return cls(arch=str(state["arch"]), seed=None if state["seed"] is None else int(state["seed"]),
+                   shapes=tuple((str(n), tuple(int(d) for d in s)) for n, s in state["shapes"]),
+                   signs_crc32=int(state["signs_crc32"]))
+
+    def describe(self) -> str:
+        """One line for error messages."""
+        layers = ", ".join(f"{n} {tuple(s)}" for n, s in self.shapes)
+        return f"{self.arch} (seed {self.seed}, signs crc32 {self.signs_crc32:08x}; {layers})"
 
 
 class MaskBank:
-    """The finished binary masks of every task, bit-packed (1 bit per weight) on the device.
+    """The finished binary masks of every task of one base network, bit-packed (1 bit per weight) on a device.
 
     For parameter ``name`` with P weights the bank holds a uint8 tensor (T, ⌈P/8⌉) (see ``bits.py`` for the
-    bit order). Storage grows in chunks, so appending T masks copies O(T) rows in total.
+    bit order). Storage grows in chunks, so appending T masks copies O(T) rows in total. The bank records the
+    :class:`NetworkFingerprint` of its base network (checked whenever it meets a model: masks only make sense on
+    the random network they were trained on) and, when known, the fingerprint of the task stream it was trained
+    on (``TaskStream.fingerprint()``: stream kind, seed, task parameters). ``version`` grows with every change.
     """
 
-    def __init__(self, shapes: dict[str, torch.Size | tuple[int, ...]], arch: str, base_seed: int,
-                 num_outputs: int, device: torch.device | str = "cpu") -> None:
-        if not shapes:
-            raise MaskBankError("a mask bank needs at least one parameter shape")
-        self.shapes = {name: torch.Size(shape) for name, shape in shapes.items()}
-        self.arch, self.base_seed, self.num_outputs = arch, int(base_seed), int(num_outputs)
-        self.device = torch.device(device)
+    def __init__(self, network: NetworkFingerprint, *, stream: dict | None = None,
+                 device: torch.device | str | None = None) -> None:
+        if not isinstance(network, NetworkFingerprint):
+            raise TypeError(f"network must be a NetworkFingerprint (NetworkFingerprint.of(model)), "
+                            f"got {type(network).__name__}; MaskBank.for_model(model) builds one for a model")
+        self.network, self.stream = network, None if stream is None else dict(stream)
+        self.device = resolve_device(device)
+        self.version = 0
         self._len = 0
         self._storage = {name: torch.zeros(0, packed_size(math.prod(s)), dtype=torch.uint8, device=self.device)
-                         for name, s in self.shapes.items()}
+                         for name, s in network.shapes}
 
     @classmethod
-    def for_model(cls, model: nn.Module, arch: str, base_seed: int, num_outputs: int) -> "MaskBank":
-        """An empty bank for ``model``'s maskable parameters, on the model's device."""
-        params = maskable_parameters(model)
-        device = next(iter(params.values())).device
-        return cls({n: p.shape for n, p in params.items()}, arch, base_seed, num_outputs, device)
+    def for_model(cls, model: nn.Module, *, stream: "TaskStream | None" = None) -> "MaskBank":
+        """An empty bank for ``model``'s maskable parameters, on the model's device; ``stream`` (optional) is the
+        task stream its masks will be trained on."""
+        device = next(iter(maskable_parameters(model).values())).device
+        return cls(NetworkFingerprint.of(model), stream=None if stream is None else stream.fingerprint(),
+                   device=device)
+
+    @property
+    def shapes(self) -> dict[str, torch.Size]:
+        """Masked parameter shapes by name, in model order."""
+        return {name: torch.Size(shape) for name, shape in self.network.shapes}
+
+    @property
+    def arch(self) -> str:
+        """The base network's architecture name."""
+        return self.network.arch
+
+    @property
+    def base_seed(self) -> int | None:
+        """The base network's seed (None when the model recorded none)."""
+        return self.network.seed
+
+    @property
+    def num_outputs(self) -> int:
+        """Output size s of the base network."""
+        return self.network.num_outputs
+
+    def to(self, device: torch.device | str) -> "MaskBank":
+        """This bank on ``device``: itself when already there, else a copy (like ``Tensor.to``)."""
+        device = resolve_device(device)
+        if device == self.device:
+            return self
+        bank = MaskBank(self.network, stream=self.stream, device=device)
+        bank._storage = {name: self.packed(name).to(device) for name in self.names}
+        bank._len, bank.version = self._len, self.version
+        return bank
 
     # --- contents ---------------------------------------------------------------------------------
     @property
@@ -174,6 +270,7 @@ class MaskBank:
                 self._storage[name] = storage = grown
             storage[self._len] = row[0]
         self._len += 1
+        self.version += 1
         return self._len - 1
 
     def check_task(self, task: int) -> int:
@@ -190,18 +287,24 @@ class MaskBank:
                 for name, numel in self.numels.items()}
 
     def check_compatible(self, model: nn.Module) -> None:
-        """Raise ``MaskBankError`` unless ``model``'s maskable parameters have the bank's names and shapes."""
-        model_shapes = {n: tuple(p.shape) for n, p in maskable_parameters(model).items()}
-        bank_shapes = {n: tuple(s) for n, s in self.shapes.items()}
-        if model_shapes != bank_shapes:
-            raise MaskBankError(f"the bank was made for {self.arch!r} with parameters {bank_shapes}, "
-                                f"but the model has {model_shapes}")
+        """Raise ``MaskBankError`` unless ``model`` is the base network the bank's masks were trained on."""
+        network = NetworkFingerprint.of(model)
+        if network != self.network:
+            raise MaskBankError(f"this bank's masks were trained on {self.network.describe()}, but the model is "
+                                f"{network.describe()}; masks only work on their own random network: rebuild "
+                                f"the model with the bank's architecture and seed, or train a new bank")
+
+    def check_stream(self, stream: "TaskStream") -> None:
+        """Raise ``MaskBankError`` unless ``stream`` defines the tasks the bank was trained on (when recorded)."""
+        if self.stream is not None and stream.fingerprint() != self.stream:
+            raise MaskBankError(f"this bank was trained on the task stream {self.stream}, but got "
+                                f"{stream.fingerprint()}; its masks fit only their own tasks: build the stream "
+                                f"with the same settings, or train a new bank")
 
     # --- files ---------------------------------------------------------------------------------------
     def _metadata(self) -> dict:
-        return {"format": FORMAT_NAME, "version": FORMAT_VERSION, "arch": self.arch, "base_seed": self.base_seed,
-                "num_outputs": self.num_outputs, "num_tasks": len(self), "names": self.names,
-                "shapes": [list(self.shapes[n]) for n in self.names]}
+        return {"format": FORMAT_NAME, "version": FORMAT_VERSION, "network": self.network.to_dict(),
+                "stream": self.stream, "num_tasks": len(self)}
 
     def save(self, path: str | Path) -> Path:
         """Write the bank to one file: metadata, the packed uint8 tensors (T rows each), CRC32s of each."""
@@ -216,8 +319,9 @@ class MaskBank:
         return path
 
     @classmethod
-    def load(cls, path: str | Path, device: torch.device | str = "cpu") -> "MaskBank":
-        """Read a bank written by :meth:`save`; any damage raises ``MaskBankError`` and returns nothing."""
+    def load(cls, path: str | Path, *, device: torch.device | str | None = None) -> "MaskBank":
+        """Read a bank written by :meth:`save` onto ``device`` (default ``config.device()``); any damage raises
+        ``MaskBankError`` and returns nothing."""
         path = Path(path)
         if not path.exists():
             raise FileNotFoundError(f"no mask bank at {path}")
@@ -228,18 +332,19 @@ class MaskBank:
         if not isinstance(state, dict) or state.get("format") != FORMAT_NAME:
             raise MaskBankError(f"{path} is not a supsup-lite mask bank")
         if state.get("version") != FORMAT_VERSION:
-            raise MaskBankError(f"{path} has format version {state.get('version')}, this code reads {FORMAT_VERSION}")
+            raise MaskBankError(f"{path} has format version {state.get('version')}, this code reads {FORMAT_VERSION} "
+                                f"(version 1 banks record no base-network fingerprint: retrain them)")
         try:
             meta = {key: state[key] for key in _METADATA_KEYS}
-            packed = {name: state["packed"][name] for name in meta["names"]}
+            network = NetworkFingerprint.from_dict(meta["network"])
+            packed = {name: state["packed"][name] for name, _ in network.shapes}
             stored_crc = dict(state["crc32"])
             metadata_intact = _metadata_checksum(meta) == stored_crc.pop("metadata")
-        except (KeyError, TypeError, AttributeError, ValueError) as err:
+        except (KeyError, TypeError, AttributeError, ValueError, IndexError) as err:
             raise MaskBankError(f"{path}: the file lacks or garbles part of the bank ({err!r})") from err
         if not metadata_intact:
             raise MaskBankError(f"{path}: checksum mismatch in the metadata; the file is corrupted")
-        bank = cls(dict(zip(meta["names"], meta["shapes"])), meta["arch"], meta["base_seed"], meta["num_outputs"],
-                   device)
+        bank = cls(network, stream=meta["stream"], device=device)
         for name, tensor in packed.items():
             expected = (meta["num_tasks"], packed_size(math.prod(bank.shapes[name])))
             if not isinstance(tensor, torch.Tensor) or tensor.dtype != torch.uint8 or tuple(tensor.shape) != expected:
@@ -248,11 +353,11 @@ class MaskBank:
             if _tensor_checksum(tensor) != stored_crc.get(name):
                 raise MaskBankError(f"{path}: checksum mismatch for {name!r}; the file is corrupted")
         bank._storage = {name: tensor.to(bank.device) for name, tensor in packed.items()}
-        bank._len = meta["num_tasks"]
+        bank._len = bank.version = meta["num_tasks"]
         return bank
 
 
-_METADATA_KEYS = ("format", "version", "arch", "base_seed", "num_outputs", "num_tasks", "names", "shapes")
+_METADATA_KEYS = ("format", "version", "network", "stream", "num_tasks")
 
 
 def _metadata_checksum(meta: dict) -> int:

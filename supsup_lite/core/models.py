@@ -12,7 +12,7 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from ..config import device as default_device
+from ..config import resolve_device
 
 MASKABLE_LAYERS = (nn.Linear, nn.Conv2d)
 
@@ -84,7 +84,8 @@ def frozen_random_model(arch: str, num_outputs: int = 10, seed: int = 0,
     """``build_model`` + ``signed_constant_`` with ``torch.Generator().manual_seed(seed)``, on ``device``."""
     model = build_model(arch, num_outputs)
     signed_constant_(model, torch.Generator().manual_seed(seed))
-    return model.to(device if device is not None else default_device()).eval()
+    model.arch, model.base_seed = arch, seed  # recorded in the NetworkFingerprint of banks made for it
+    return model.to(resolve_device(device)).eval()
 
 
 def masked_forward(model: nn.Module, weights: dict[str, torch.Tensor] | None, x: torch.Tensor) -> torch.Tensor:

@@ -188,9 +188,10 @@ def train_bank(model: nn.Module, stream: TaskStream, num_tasks: int, k: int = 10
     if not 1 <= num_tasks <= stream.num_tasks:
         raise ValueError(f"num_tasks must lie in 1..{stream.num_tasks} (the stream's tasks), got {num_tasks}")
     if bank is None:
-        bank = MaskBank.for_model(model, arch, base_seed, output_size(model))
+        bank = MaskBank.for_model(model, stream=stream)
     else:
         bank.check_compatible(model)
+        bank.check_stream(stream)
     todo = list(range(len(bank), num_tasks))
     with tqdm(total=len(todo), disable=not progress, desc="mask bank", unit="task") as bar:
         for start in range(0, len(todo), k):

@@ -16,7 +16,7 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from ..config import data_root, device as default_device
+from ..config import data_root, resolve_device
 from .mnist import Batch, DataNotFoundError, TaskStream, not_found_message
 
 NUM_CIFAR100_CLASSES = 100
@@ -68,7 +68,7 @@ def _read_cifar100(root: str, train: bool) -> tuple[torch.Tensor, torch.Tensor, 
 def load_cifar100(train: bool, device: torch.device | str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """A CIFAR-100 split as (images uint8 (N, 3, 32, 32), fine labels int64 (N,)) on ``device``."""
     images, labels, _ = _read_cifar100(str(data_root()), train)
-    dev = torch.device(device) if device is not None else default_device()
+    dev = resolve_device(device)
     return images.to(dev), labels.to(dev)
 
 
@@ -134,6 +134,9 @@ class SplitCIFAR100(TaskStream):
         self._indices: dict[bool, list[torch.Tensor]] = {}
         super().__init__(num_tasks, device)  # reads both splits through _load
         self._fill = normalize(torch.zeros(1, 3, 1, 1, dtype=torch.uint8, device=self.device)).view(3)
+
+    def fingerprint(self) -> dict:  # noqa: D102
+        return {"stream": self.name, "seed": int(self.seed)}
 
     def _load(self, train: bool) -> Batch:
         """CIFAR-100 split as (uint8 images, within-task labels 0–4); records each task's image indices."""

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..config import data_root, device as default_device
+from ..config import data_root, resolve_device
 
 MNIST_MEAN, MNIST_STD = 0.1307, 0.3081
 IMAGE_SIDE = 28
@@ -50,7 +50,7 @@ def _read_mnist(root: str, train: bool) -> Batch:
 def load_mnist(train: bool, device: torch.device | str | None = None) -> Batch:
     """MNIST split as (images (N, 784) float32, normalised; labels (N,) int64) on ``device``."""
     images, labels = _read_mnist(str(data_root()), train)
-    dev = torch.device(device) if device is not None else default_device()
+    dev = resolve_device(device)
     return images.to(dev), labels.to(dev)
 
 
@@ -101,7 +101,7 @@ class TaskStream:
         if num_tasks < 1:
             raise ValueError(f"num_tasks must be ≥ 1, got {num_tasks}")
         self.num_tasks = num_tasks
-        self.device = torch.device(device) if device is not None else default_device()
+        self.device = resolve_device(device)
         self._train = self._load(train=True)
         self._test = self._load(train=False)
 
@@ -111,6 +111,10 @@ class TaskStream:
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(num_tasks={self.num_tasks}, device={self.device})"
+
+    def fingerprint(self) -> dict:
+        """What defines this stream's tasks (kind and task parameters; not the task count): a bank records it."""
+        return {"stream": self.name}
 
     def check_task(self, task: int) -> int:
         """Return ``task`` if it is a valid task index, else raise a clear ``IndexError``."""
@@ -190,6 +194,9 @@ class PermutedMNIST(TaskStream):
         self.seed = seed
         self._perms: dict[int, torch.Tensor] = {}
 
+    def fingerprint(self) -> dict:  # noqa: D102
+        return {"stream": self.name, "seed": int(self.seed)}
+
     def permutation(self, task: int) -> torch.Tensor:
         """The pixel permutation of task ``task``: (784,) int64 on the device."""
         task = self.check_task(task)
@@ -211,6 +218,9 @@ class RotatedMNIST(TaskStream):
                  device: torch.device | str | None = None) -> None:
         super().__init__(num_tasks, device)
         self.degrees = degrees
+
+    def fingerprint(self) -> dict:  # noqa: D102
+        return {"stream": self.name, "degrees": float(self.degrees)}
 
     def angle(self, task: int) -> float:
         """Rotation of task ``task`` in degrees."""

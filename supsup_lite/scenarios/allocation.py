@@ -105,7 +105,7 @@ class NNsLearner:
         if any(p.requires_grad for p in self.params.values()):
             raise ValueError("the base network must be frozen (requires_grad=False); call signed_constant_ first")
         self.model, self.arch, self.base_seed, self.num_outputs = model, arch, base_seed, num_outputs
-        MaskBank.for_model(model, arch, base_seed, num_outputs)  # fails early on a model the bank cannot hold
+        MaskBank.for_model(model)  # fails early on a model the bank cannot hold
         self.budget, self.epsilon, self.check_every = budget, epsilon, check_every
         self.min_slots, self.lr, self.seed = min_slots, lr, seed
         self.scores: list[Masks] = []
@@ -129,7 +129,7 @@ class NNsLearner:
     def bank(self, references: int = 0) -> MaskBank:
         """The current binary masks 1[s ≥ 0] of all masks in allocation order (the live one included),
         followed by the initial masks of the next ``references`` slots."""
-        bank = MaskBank.for_model(self.model, self.arch, self.base_seed, self.num_outputs)
+        bank = MaskBank.for_model(self.model)
         upcoming = (self.initial_scores(len(self) + j) for j in range(references))
         for scores in chain(self.scores, upcoming):
             bank.append({name: s.detach() >= 0 for name, s in scores.items()})

@@ -242,7 +242,7 @@ class SupSupGG(ContinualMethod):
         self.model, self.k, self.progress = model, k, progress
         self.settings = dict(num_batches=num_batches, batch_size=batch_size, lr=lr, keep_frac=keep_frac)
         self.seed = seed
-        self.bank = MaskBank.for_model(model, arch, base_seed, output_size(model))
+        self.bank = MaskBank.for_model(model, stream=stream)
         self.rows: dict[int, int] = {}  # task → row of the bank
         self._ahead: dict[int, Masks] = {}
 

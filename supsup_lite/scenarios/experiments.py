@@ -164,7 +164,7 @@ class GNuRun:
         self.device = default_device()
         self.model = frozen_random_model(config.model, config.outputs, config.seed, self.device)
         self.stream = PermutedMNIST(config.tasks, seed=config.data_seed, device=self.device)
-        self.bank = MaskBank.for_model(self.model, config.model, config.seed, config.outputs)
+        self.bank = MaskBank.for_model(self.model, stream=self.stream)
         self.num_test = self.stream.test_set(0)[1].shape[0]
         self.gg_batches = torch.zeros(0, -(-self.num_test // config.test_batch_size), device=self.device)
         self.results: dict[str, Any] = {"experiment": "gnu_permuted_mnist",
@@ -188,7 +188,7 @@ class GNuRun:
             self.results[key] = saved.get(key, self.results[key])
         self.results["hardware_history"] = saved.get("hardware_history", []) + [saved["hardware"]]
         if (self.out / "bank.pt").exists():
-            bank = MaskBank.load(self.out / "bank.pt", self.device)
+            bank = MaskBank.load(self.out / "bank.pt", device=self.device)
             bank.check_compatible(self.model)
             self.bank = bank
             self.results["tasks_trained"] = len(bank)

@@ -22,7 +22,6 @@ from ..core.models import maskable_parameters
 from ..core.training import TrainHistory, evaluate, fit
 from ..data.cifar import SplitCIFAR100
 from .resnet import (
-    ARCH,
     GEM_WIDTH,
     Buffers,
     batchnorm_stats,
@@ -144,7 +143,7 @@ def run_split_cifar100(num_tasks: int = 20, epochs: int = 250, budget: float = 1
         raise ValueError(f"num_tasks={num_tasks} but the stream has only {stream.num_tasks} tasks")
     model = frozen_gem_resnet18(stream.num_classes, width, seed=seed, device=stream.device)
     densities = er_densities(model, budget)
-    bank = MaskBank.for_model(model, ARCH, base_seed=seed, num_outputs=stream.num_classes)
+    bank = MaskBank.for_model(model, stream=stream)
     shared = batchnorm_stats(model)
     bn_stats, histories = [], []
     accuracy = np.full((num_tasks, num_tasks), np.nan)

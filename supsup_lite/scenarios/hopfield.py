@@ -26,6 +26,8 @@ from typing import Callable, Iterator, Literal, Sequence
 import torch
 from tqdm.auto import tqdm
 
+from ..config import resolve_device
+
 Rule = Literal["hebbian", "storkey", "simplified_storkey"]
 Mode = Literal["async", "sync"]
 
@@ -353,7 +355,7 @@ def capacity_curve(
     mode: Mode = "async",
     max_sweeps: int = 30,
     seed: int = 0,
-    device: torch.device | str = "cpu",
+    device: torch.device | str | None = None,
     progress: bool = True,
 ) -> dict[str, list[float]]:
     """Recall error against the number P of stored random patterns.
@@ -369,7 +371,7 @@ def capacity_curve(
     if not counts or counts[0] < 1:
         raise ValueError(f"num_patterns must be positive integers, got {list(num_patterns)}")
     gen = torch.Generator().manual_seed(seed)
-    patterns = random_patterns(counts[-1], d, gen).to(device)
+    patterns = random_patterns(counts[-1], d, gen).to(resolve_device(device))
     W = torch.zeros(d, d, device=device)
     out: dict[str, list[float]] = {"num_patterns": [], "load": [], "bit_error": [], "exact": []}
     stored = 0

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import device as default_device
+from ..config import resolve_device
 from ..core.inference import entropy
 from ..core.masks import threshold_supermask
 from ..core.models import signed_constant_
@@ -74,7 +74,8 @@ def frozen_bnnet(width: int = 2048, seed: int = 0, device: torch.device | str | 
     """A BNNet with signed-constant weights ±√(2/fan_in) drawn from ``torch.Generator().manual_seed(seed)``, frozen."""
     model = BNNet(width)
     signed_constant_(model, torch.Generator().manual_seed(seed))
-    return model.to(device if device is not None else default_device())
+    model.arch, model.base_seed = "bnnet", seed
+    return model.to(resolve_device(device))
 
 
 def all_ones(model: BNNet) -> NeuronMasks:
@@ -144,7 +145,7 @@ class HopfieldMaskMemory:
     def __init__(self, sizes: Sequence[int], rule: Rule = "simplified_storkey",
                  device: torch.device | str | None = None) -> None:
         self.rule = rule
-        self.device = torch.device(device) if device is not None else default_device()
+        self.device = resolve_device(device)
         self.weights = [torch.zeros(d, d, device=self.device) for d in sizes]
         self.pattern_sum = [torch.zeros(d, device=self.device) for d in sizes]
         self.num_stored = 0

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import device as default_device
+from ..config import resolve_device
 from ..core.models import maskable_parameters, signed_constant_
 
 ARCH = "gem_resnet18"
@@ -104,7 +104,8 @@ def frozen_gem_resnet18(num_outputs: int = 5, width: int = GEM_WIDTH, seed: int 
     """GEM ResNet-18 frozen as a signed-constant network (±√(2/fan_in), seeded), on ``device``, in eval mode."""
     model = gem_resnet18(num_outputs, width)
     signed_constant_(model, torch.Generator().manual_seed(seed))
-    return model.to(device if device is not None else default_device()).eval()
+    model.arch, model.base_seed = ARCH, seed
+    return model.to(resolve_device(device)).eval()
 
 
 def er_density(shape: torch.Size | tuple[int, ...], budget: float) -> float:
