@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from .bits import pack_bits, packed_size, unpack_bits
+from .. import validation
 from ..config import resolve_device
 from .models import maskable_parameters
 
@@ -89,9 +90,7 @@ def topk_supermask(scores: torch.Tensor, keep_frac: float) -> torch.Tensor:
 def apply_masks(model: nn.Module, masks: Masks) -> Masks:
     """Effective weights W ⊙ M for every masked parameter (missing names keep W)."""
     params = maskable_parameters(model)
-    unknown = sorted(set(masks) - set(params))
-    if unknown:
-        raise KeyError(f"masks name parameters the model does not have: {unknown}; it has {sorted(params)}")
+    validation.masks_fit(params, masks)
     return {name: params[name] * mask.to(params[name].dtype) for name, mask in masks.items()}
 
 
@@ -274,7 +273,8 @@ class MaskBank:
         return self._len - 1
 
     def check_task(self, task: int) -> int:
-        """Return ``task`` if the bank holds it, else raise a clear ``IndexError``."""
+        """Return ``task`` if the bank holds it, else raise a clear ``TypeError`` / ``IndexError``."""
+        task = validation.integer("task", task)
         if not 0 <= task < len(self):
             raise IndexError(f"task {task} is not in the bank: it holds tasks 0..{len(self) - 1}"
                              if len(self) else f"task {task} is not in the bank: the bank is empty")
@@ -322,6 +322,7 @@ class MaskBank:
     def load(cls, path: str | Path, *, device: torch.device | str | None = None) -> "MaskBank":
         """Read a bank written by :meth:`save` onto ``device`` (default ``config.device()``); any damage raises
         ``MaskBankError`` and returns nothing."""
+        device = resolve_device(device)
         path = Path(path)
         if not path.exists():
             raise FileNotFoundError(f"no mask bank at {path}")

@@ -7,14 +7,17 @@ Task definitions follow the authors' code (PAPER.md §4).
 """
 from __future__ import annotations
 
+import hashlib
 import math
 from functools import lru_cache
+from pathlib import Path
 from typing import Iterator
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .. import validation
 from ..config import data_root, resolve_device
 
 MNIST_MEAN, MNIST_STD = 0.1307, 0.3081
@@ -28,17 +31,47 @@ class DataNotFoundError(RuntimeError):
     """A dataset is neither under ``SUPSUP_DATA`` nor downloadable."""
 
 
+class DataDamagedError(RuntimeError):
+    """A dataset's files are there but not the published bytes (truncated, edited, or another version)."""
+
+
+# md5 of the four uncompressed IDX files as published (the .gz archives' contents), checked before every first read
+MNIST_MD5 = {
+    "train-images-idx3-ubyte": "6bbc9ace898e44ae57da46a324031adb",
+    "train-labels-idx1-ubyte": "a25bea736e30d166cdddb491f175f624",
+    "t10k-images-idx3-ubyte": "2646ac647ad5339dbf082846283269ea",
+    "t10k-labels-idx1-ubyte": "27ae3e4e09519cfbb04c329615203637",
+}
+
+
 def not_found_message(dataset: str, root: object, err: Exception) -> str:
     """The one error text for a missing dataset: where we looked and how to fix it."""
     return (f"{dataset} is not under {root} and could not be downloaded ({type(err).__name__}: {err}). "
             f"Point SUPSUP_DATA at a folder holding it in torchvision's layout "
-            f"(e.g. SUPSUP_DATA=../shared/data) or run once with internet access to download it there.")
+            f"(e.g. SUPSUP_DATA=/path/to/data holding MNIST/raw/) or run once with internet access to download it there.")
+
+
+def verify_mnist_files(root: str | Path, train: bool) -> None:
+    """Raise ``DataDamagedError`` unless the split's two IDX files under ``root/MNIST/raw`` have the published md5."""
+    prefix = "train" if train else "t10k"
+    for name, expected in MNIST_MD5.items():
+        if not name.startswith(prefix):
+            continue
+        path = Path(root) / "MNIST" / "raw" / name
+        digest = hashlib.md5(path.read_bytes()).hexdigest()
+        if digest != expected:
+            raise DataDamagedError(f"MNIST file {path} is damaged: md5 {digest}, the published file has {expected}. "
+                                   f"Delete it and download MNIST again (or restore it from a good copy); "
+                                   f"reading it would give wrong images or labels silently")
 
 
 @lru_cache(maxsize=4)
 def _read_mnist(root: str, train: bool) -> Batch:
     from torchvision.datasets import MNIST
 
+    prefix = "train" if train else "t10k"
+    if all((Path(root) / "MNIST" / "raw" / name).exists() for name in MNIST_MD5 if name.startswith(prefix)):
+        verify_mnist_files(root, train)  # files there: damaged ones are named, never reported as missing
     try:
         dataset = MNIST(root, train=train, download=True)
     except Exception as err:  # torchvision raises RuntimeError/URLError/OSError when offline
@@ -98,9 +131,7 @@ class TaskStream:
     num_classes = 10
 
     def __init__(self, num_tasks: int, device: torch.device | str | None = None) -> None:
-        if num_tasks < 1:
-            raise ValueError(f"num_tasks must be ≥ 1, got {num_tasks}")
-        self.num_tasks = num_tasks
+        self.num_tasks = validation.integer("num_tasks", num_tasks, minimum=1)
         self.device = resolve_device(device)
         self._train = self._load(train=True)
         self._test = self._load(train=False)
@@ -117,9 +148,8 @@ class TaskStream:
         return {"stream": self.name}
 
     def check_task(self, task: int) -> int:
-        """Return ``task`` if it is a valid task index, else raise a clear ``IndexError``."""
-        if not isinstance(task, (int, np.integer)) or isinstance(task, bool):
-            raise TypeError(f"task must be an int, got {type(task).__name__}")
+        """Return ``task`` if it is a valid task index, else raise a clear ``TypeError`` / ``IndexError``."""
+        task = validation.integer("task", task)
         if not 0 <= task < self.num_tasks:
             raise IndexError(f"task {task} is out of range: {self.name} has tasks 0..{self.num_tasks - 1}")
         return int(task)
@@ -159,8 +189,8 @@ class TaskStream:
         epoch's last partial batch (as a ``DataLoader`` with ``drop_last=False``). Stops after ``num_batches``
         batches, or after one epoch when ``num_batches`` is None.
         """
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be ≥ 1, got {batch_size}")
+        batch_size = validation.integer("batch_size", batch_size, minimum=1)
+        num_batches = validation.optional_integer("num_batches", num_batches, minimum=1)
         images, labels = self._train
         subset = self._task_indices(self.check_task(task), train=True)
         n = labels.shape[0] if subset is None else subset.shape[0]
@@ -191,7 +221,7 @@ class PermutedMNIST(TaskStream):
 
     def __init__(self, num_tasks: int, seed: int = 1, device: torch.device | str | None = None) -> None:
         super().__init__(num_tasks, device)
-        self.seed = seed
+        self.seed = validation.integer("seed", seed, minimum=0)
         self._perms: dict[int, torch.Tensor] = {}
 
     def fingerprint(self) -> dict:  # noqa: D102
@@ -217,7 +247,7 @@ class RotatedMNIST(TaskStream):
     def __init__(self, num_tasks: int = 36, degrees: float = 10.0,
                  device: torch.device | str | None = None) -> None:
         super().__init__(num_tasks, device)
-        self.degrees = degrees
+        self.degrees = validation.real_number("degrees", degrees)
 
     def fingerprint(self) -> dict:  # noqa: D102
         return {"stream": self.name, "degrees": float(self.degrees)}
@@ -237,7 +267,7 @@ class SplitMNIST(TaskStream):
     name = "SplitMNIST"
 
     def __init__(self, num_tasks: int = 5, device: torch.device | str | None = None) -> None:
-        if not 1 <= num_tasks <= 5:
+        if validation.integer("num_tasks", num_tasks) > 5:
             raise ValueError(f"SplitMNIST has at most 5 tasks of two digits, got num_tasks={num_tasks}")
         super().__init__(num_tasks, device)
         self._indices = {
