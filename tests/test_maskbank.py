@@ -73,7 +73,7 @@ def test_lenet_bank_holds_one_bit_per_weight():
     bank = MaskBank.for_model(model)
     assert (bank.arch, bank.base_seed, bank.num_outputs) == ("lenet_300_100", 0, 100)  # read off the model
     bank.append({name: torch.ones(p.shape, dtype=torch.bool) for name, p in model.named_parameters()})
-    assert bank.nbytes == 275_200 // 8  # the paper (§4.2): 275,200 mask bits per task for LeNet with s = 100
+    assert bank.nbytes == 275_200 // 8  # 784·300 + 300·100 + 100·100 = 275,200 mask bits per task (s = 100)
 
 
 def test_padding_bits_stay_zero():
@@ -91,7 +91,8 @@ def test_save_load_round_trip_bit_for_bit(tmp_path, device):
         assert all(torch.equal(loaded.get(task, torch.bool)[n].cpu(), m) for n, m in task_masks.items())
     assert loaded.version == bank.version == 5
     loaded.append(masks[0])  # a loaded bank keeps growing
-    assert len(loaded) == 6 and loaded.version == 6 and torch.equal(loaded.packed("conv.weight")[5], bank.packed("conv.weight")[0])
+    assert len(loaded) == 6 and loaded.version == 6
+    assert torch.equal(loaded.packed("conv.weight")[5], bank.packed("conv.weight")[0])
     assert not list(tmp_path.rglob("*.tmp"))  # written atomically through a temporary file
 
 
@@ -117,7 +118,8 @@ def test_bank_refuses_any_other_base_network():
               frozen_random_model("fc_1024_1024", 10, device="cpu"),
               frozen_random_model("lenet_300_100", 100, device="cpu"))           # a different head size
     for other in others:
-        with pytest.raises(MaskBankError, match=r"trained on lenet_300_100 \(seed 0, signs crc32 [0-9a-f]{8}") as err:
+        pattern = r"trained on lenet_300_100 \(seed 0, signs crc32 [0-9a-f]{8}"
+        with pytest.raises(MaskBankError, match=pattern) as err:
             bank.check_compatible(other)
         assert NetworkFingerprint.of(other).describe() in str(err.value)  # both fingerprints are named
 

@@ -119,7 +119,7 @@ def test_functional_call_updates_only_the_given_bn_buffers(tiny):
 
 
 def test_shared_batchnorm_changes_an_earlier_task_but_per_task_stats_do_not(tiny):
-    """Mechanism of PAPER.md §7.1 with two random masks and two input distributions (no training needed)."""
+    """The shared-BatchNorm bug of the authors' first release (their issues #11, #15) with two random masks and two input distributions (no training needed)."""
     g = torch.Generator().manual_seed(0)
     params = maskable_parameters(tiny)
     densities = er_densities(tiny, budget=4)

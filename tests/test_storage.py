@@ -41,7 +41,7 @@ def test_bitpacked_bytes_are_what_the_bank_holds():
     bank = MaskBank.for_model(model)
     bank.append(masks)
     assert bitpacked_bytes(masks) == bitpacked_bytes({n: m.shape for n, m in masks.items()}) == bank.nbytes
-    assert bitpacked_bytes(masks) == 275_200 // 8  # PAPER.md §3.3
+    assert bitpacked_bytes(masks) == 275_200 // 8  # 784·300 + 300·100 + 100·100 bits (LeNet, s = 100)
 
 
 def test_sparse_beats_bitpacking_only_below_one_sixteenth_density():

@@ -21,7 +21,7 @@ from .mnist import Batch, DataNotFoundError, TaskStream, not_found_message
 
 NUM_CIFAR100_CLASSES = 100
 IMAGE_SHAPE = (3, 32, 32)
-# The authors normalise SplitCIFAR100 with CIFAR-10's statistics (PAPER.md §4, §7.12).
+# The authors normalise SplitCIFAR100 with CIFAR-10's statistics (RAIVNLab/supsup, `data/partitioncifar.py`).
 CIFAR_MEAN = (0.491, 0.482, 0.447)
 CIFAR_STD = (0.247, 0.243, 0.262)
 CROP_PADDING = 4

@@ -3,7 +3,7 @@
 MNIST is read once through torchvision into a float tensor, normalised with (0.1307, 0.3081) and flattened to
 (N, 784). A task's input transform (a pixel permutation, a rotation) is applied to whole batches on the device,
 and batches are drawn by indexing with a seeded ``torch.Generator``: no per-sample PIL work in training loops.
-Task definitions follow the authors' code (PAPER.md §4).
+Task definitions follow the authors' code (RAIVNLab/supsup, `data/mnist.py`: `MNISTPerm`, `RotatingMNIST`).
 """
 from __future__ import annotations
 
@@ -48,7 +48,8 @@ def not_found_message(dataset: str, root: object, err: Exception) -> str:
     """The one error text for a missing dataset: where we looked and how to fix it."""
     return (f"{dataset} is not under {root} and could not be downloaded ({type(err).__name__}: {err}). "
             f"Point SUPSUP_DATA at a folder holding it in torchvision's layout "
-            f"(e.g. SUPSUP_DATA=/path/to/data holding MNIST/raw/) or run once with internet access to download it there.")
+            f"(e.g. SUPSUP_DATA=/path/to/data holding MNIST/raw/) or run once with internet access to download "
+            f"it there.")
 
 
 def verify_mnist_files(root: str | Path, train: bool) -> None:
@@ -60,7 +61,8 @@ def verify_mnist_files(root: str | Path, train: bool) -> None:
         path = Path(root) / "MNIST" / "raw" / name
         digest = hashlib.md5(path.read_bytes()).hexdigest()
         if digest != expected:
-            raise DataDamagedError(f"MNIST file {path} is damaged: md5 {digest}, the published file has {expected}. "
+            raise DataDamagedError(f"MNIST file {path} is damaged: md5 {digest}, the published file has "
+                                   f"{expected}. "
                                    f"Delete it and download MNIST again (or restore it from a good copy); "
                                    f"reading it would give wrong images or labels silently")
 

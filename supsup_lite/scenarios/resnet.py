@@ -9,7 +9,8 @@ masks: :func:`batchnorm_stats` makes a fresh set of buffers, and a forward passe
 its masked weights through ``torch.func.functional_call``. In training mode the call updates exactly the
 buffers it was given, so each task owns its statistics and training task t leaves every earlier task's
 forward untouched. Sharing one set of buffers between tasks (the authors' ``NonAffineBN``) silently
-re-normalises every earlier mask's activations with the statistics of the latest one (PAPER.md §7.1).
+re-normalises every earlier mask's activations with the statistics of the latest one (RAIVNLab/supsup issues
+#11 and #15; their later `MultitaskNonAffineBN` in `models/modules.py` fixed it).
 """
 from __future__ import annotations
 
