@@ -241,7 +241,7 @@ def allocation_counts(log: Sequence[Check], num_tasks: int, num_masks: int) -> t
 
 
 def nns_accuracy(model: nn.Module, bank: MaskBank, stream: TaskStream, tasks: Iterable[int],
-                 batch_size: int = 128, seed: int | None = 0) -> ProtocolResult:
+                 batch_size: int = 128, seed: int | None = 0, *, batches: int | None = None) -> ProtocolResult:
     """The paper's Scenario NNs evaluation: One-Shot (H) with shared labels.
 
     As in :func:`supsup_lite.scenarios.protocols.gnu_accuracy`, each data task's test set (shuffled by
@@ -249,16 +249,20 @@ def nns_accuracy(model: nn.Module, bank: MaskBank, stream: TaskStream, tasks: It
     the batch is classified with that mask; but a mask index that is not the task's own is not penalised (labels
     are shared, and in NNs the learner never knew which mask "belongs" to a task): :func:`gnu_score` with
     ``true_tasks=None``. Accuracy per task = correct / test size.
-    ``tasks`` are data tasks of ``stream`` (there may be more or fewer than masks).
+    ``tasks`` are data tasks of ``stream`` (there may be more or fewer than masks). ``batches``: score only the
+    first that many batches of each shuffled test set (a seeded random sample of batches · batch_size images;
+    the denominator is then the images scored). ``scored`` holds the correct count of every batch.
     """
     tasks = [stream.check_task(t) for t in tasks]
-    if not tasks or batch_size < 1:
-        raise ValueError(f"need at least one task and batch_size ≥ 1, got tasks={tasks}, batch_size={batch_size}")
-    tests = [shuffled_test_set(stream, t, seed) for t in tasks]
+    if not tasks or batch_size < 1 or (batches is not None and batches < 1):
+        raise ValueError(f"need at least one task, batch_size ≥ 1 and batches ≥ 1 (or None: all), got tasks={tasks}, "
+                         f"batch_size={batch_size}, batches={batches}")
+    images = None if batches is None else batches * batch_size
+    tests = [(x[:images], y[:images]) for x, y in (shuffled_test_set(stream, t, seed) for t in tasks)]
     firsts = [x[::batch_size] for x, _ in tests]
     chosen = infer_tasks(model, bank, torch.cat(firsts)).cpu().split([f.shape[0] for f in firsts])
     correct = [correct_per_batch(predict_batches(model, bank, x, masks, batch_size=batch_size) == y,
                                  batch_size=batch_size) for (x, y), masks in zip(tests, chosen)]
     per_task = gnu_score(padded(chosen, fill=-1), padded(correct), sizes=[y.shape[0] for _, y in tests],
                          true_tasks=None).tolist()
-    return ProtocolResult(tasks, per_task, [m.tolist() for m in chosen])
+    return ProtocolResult(tasks, per_task, [m.tolist() for m in chosen], scored=[c.tolist() for c in correct])

@@ -50,6 +50,7 @@ class ProtocolResult:
     per_task: list[float]
     inferred: list[list[int]]
     given: list[float] | None = None  # GNu only: each task's accuracy with its own mask (GG), from the same pass
+    scored: list[list[float]] | None = None  # GNu and NNs: images counted right per test batch (after the penalty)
 
     @property
     def accuracy(self) -> float:
@@ -240,9 +241,12 @@ def gnu_accuracy(model: nn.Module, bank: MaskBank, stream: TaskStream, tasks: It
         chosen = infer_tasks(model, bank, torch.cat(firsts), 1, method, objective, num_tasks).cpu()
         chosen = list(chosen.split([f.shape[0] for f in firsts]))
     correct_table = padded(correct)
-    per_task = gnu_score(padded(chosen, fill=-1), correct_table, sizes=sizes, true_tasks=tasks)
+    chosen_table = padded(chosen, fill=-1)
+    per_task = gnu_score(chosen_table, correct_table, sizes=sizes, true_tasks=tasks)
     given = correct_table.double().sum(1) / torch.tensor(sizes, dtype=torch.float64)
-    return ProtocolResult(tasks, per_task.tolist(), [c.tolist() for c in chosen], given.tolist())
+    scored = correct_table * (chosen_table == torch.tensor(tasks)[:, None])
+    return ProtocolResult(tasks, per_task.tolist(), [c.tolist() for c in chosen], given.tolist(),
+                          [row[:c.numel()].tolist() for row, c in zip(scored, chosen)])
 
 
 def task_inference_accuracy(model: nn.Module, bank: MaskBank, stream: TaskStream,
