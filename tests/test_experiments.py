@@ -2,7 +2,6 @@
 after a kill (GNu and NNs), the JSON and CSV written to results/, objective G."""
 import csv
 import json
-import math
 
 import pytest
 import torch
@@ -210,6 +209,7 @@ def test_wilson_interval_matches_the_formula_and_known_values():
     assert low == pytest.approx(0.0, abs=1e-12) and high == pytest.approx(0.27753, abs=1e-5)
     low, high = wilson_interval(81, 100)
     assert (low, high) == pytest.approx((0.72221, 0.87485), abs=1e-5)
+    assert wilson_interval(40, 40)[1] == 1.0 and wilson_interval(0, 40)[0] == 0.0  # never outside [0, 1]
     with pytest.raises(ValueError, match="successes"):
         wilson_interval(5, 4)
 
@@ -352,7 +352,7 @@ def test_preset_writes_the_summary_json_and_csv(config, tmp_path, monkeypatch, c
     assert objectives == ({"H", "G"} if main == "gnu_accuracy" else {"H"})
     rows = list(csv.DictReader((tmp_path / "results" / "tiny.csv").open()))
     assert len(rows) == len(summary["checkpoints"])
-    assert all(float(r[main.split("_")[0] + "_ci95_low"]) <= float(r[main]) <= float(r[main.split("_")[0] + "_ci95_high"])
-               for r in rows)
+    prefix = main.split("_")[0]
+    assert all(float(r[f"{prefix}_ci95_low"]) <= float(r[main]) <= float(r[f"{prefix}_ci95_high"]) for r in rows)
     assert (tmp_path / "results" / "tiny.json").stat().st_size < 20_000
     capsys.readouterr()

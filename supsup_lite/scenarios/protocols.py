@@ -166,7 +166,8 @@ def gnu_score(inferred: torch.Tensor, correct: torch.Tensor, *, sizes: torch.Ten
     if true_tasks is not None:
         true_tasks = torch.as_tensor(true_tasks, dtype=torch.long).cpu()
         if true_tasks.shape != sizes.shape:
-            raise ValueError(f"true_tasks must hold one task per row ({inferred.shape[0]}), got {tuple(true_tasks.shape)}")
+            raise ValueError(f"true_tasks must hold one task per row ({inferred.shape[0]}), "
+                             f"got shape {tuple(true_tasks.shape)}")
         counted = counted * (inferred.cpu() == true_tasks[:, None])
     return counted.sum(1) / sizes
 
