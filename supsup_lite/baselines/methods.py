@@ -20,7 +20,7 @@ from ..core.training import fit, predict
 from ..data.mnist import TaskStream
 from ..data.unshared import UnsharedLabels
 from ..scenarios.continual import ContinualMethod, SupSupGG
-from ..scenarios.protocols import infer_tasks
+from ..scenarios.protocols import infer_batches, predict_batches
 from .context import (
     RankOne,
     batche_forward,
@@ -320,26 +320,18 @@ class SupSupGNu(SupSupGG):
 
     def infer_batches(self, x: torch.Tensor) -> list[int]:
         """The inferred task of every batch of ``test_batch`` consecutive images of x (N, ...), each from its first
-        ``infer_from`` images, by ``search`` over the tasks learned so far (batched by ``protocols.infer_tasks``)."""
-        starts = range(0, x.shape[0], self.test_batch)
-        groups = [x[s:s + self.infer_from] for s in starts]
-        full = [g for g in groups if g.shape[0] == self.infer_from]
-        rows = []
-        if full:
-            rows += infer_tasks(self.model, self.bank, torch.cat(full), self.infer_from, self.search,
-                                self.objective).tolist()
-        if len(full) < len(groups):   # a last batch shorter than infer_from: all of it
-            last = groups[-1]
-            rows += infer_tasks(self.model, self.bank, last, last.shape[0], self.search, self.objective).tolist()
+        ``infer_from`` images, by ``search`` over the tasks learned so far (``protocols.infer_batches``)."""
+        rows = infer_batches(self.model, self.bank, x, batch_size=self.test_batch, infer_from=self.infer_from,
+                             method=self.search, objective=self.objective)
         task_of_row = {row: task for task, row in self.rows.items()}
-        return [task_of_row[row] for row in rows]
+        return [task_of_row[row] for row in rows.tolist()]
 
     @torch.no_grad()
     def predict(self, x: torch.Tensor, task: int | None) -> torch.Tensor:  # noqa: D102
         if task is not None:
             raise ValueError("SupSup (GNu) infers the task itself; call predict(x, None)")
-        labels = []
-        for start, inferred in zip(range(0, x.shape[0], self.test_batch), self.infer_batches(x)):
-            logits = masked_forward(self.model, self.masked_weights(inferred), x[start:start + self.test_batch])
-            labels.append(self.classes * inferred + logits[:, : self.classes].argmax(1))
-        return torch.cat(labels)
+        tasks = torch.tensor(self.infer_batches(x), dtype=torch.long)
+        labels = predict_batches(self.model, self.bank, x, torch.tensor([self.rows[t] for t in tasks.tolist()]),
+                                 batch_size=self.test_batch, classes=self.classes)
+        # C·t̂ + ŷ equals the label C·t + y only when t̂ = t: the harness's accuracy is protocols.gnu_score
+        return self.classes * tasks.to(x.device).repeat_interleave(self.test_batch)[: x.shape[0]] + labels

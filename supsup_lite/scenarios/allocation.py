@@ -36,9 +36,10 @@ from tqdm.auto import tqdm
 from ..core.inference import alpha_gradient
 from ..core.masks import MaskBank, Masks, init_scores
 from ..core.models import maskable_parameters
-from ..core.training import fit, predict, supermask_forward
+from ..core.training import fit, supermask_forward
 from ..data.mnist import Batch, TaskStream
-from .protocols import ProtocolResult, infer_tasks, shuffled_test_set, task_weights
+from .protocols import (ProtocolResult, correct_per_batch, gnu_score, infer_tasks, padded, predict_batches,
+                        shuffled_test_set)
 
 EPSILON = 2.0 ** -3
 LabelledBatch = tuple[int, torch.Tensor, torch.Tensor]
@@ -240,27 +241,28 @@ def allocation_counts(log: Sequence[Check], num_tasks: int, num_masks: int) -> t
 
 
 def nns_accuracy(model: nn.Module, bank: MaskBank, stream: TaskStream, tasks: Iterable[int],
-                 batch_size: int = 128, seed: int | None = 0) -> ProtocolResult:
+                 batch_size: int = 128, seed: int | None = 0, *, batches: int | None = None) -> ProtocolResult:
     """The paper's Scenario NNs evaluation: One-Shot (H) with shared labels.
 
-    As in :func:`supsup_lite.protocols.gnu_accuracy`, each data task's test set (shuffled by ``seed + task``) is
-    cut into batches of ``batch_size``, each batch's mask is inferred from its first image and the batch is
-    classified with that mask; but a mask index that is not the task's own is not penalised (labels are shared,
-    and in NNs the learner never knew which mask "belongs" to a task). Accuracy per task = correct / test size.
-    ``tasks`` are data tasks of ``stream`` (there may be more or fewer than masks).
+    As in :func:`supsup_lite.scenarios.protocols.gnu_accuracy`, each data task's test set (shuffled by
+    ``seed + task``) is cut into batches of ``batch_size``, each batch's mask is inferred from its first image and
+    the batch is classified with that mask; but a mask index that is not the task's own is not penalised (labels
+    are shared, and in NNs the learner never knew which mask "belongs" to a task): :func:`gnu_score` with
+    ``true_tasks=None``. Accuracy per task = correct / test size.
+    ``tasks`` are data tasks of ``stream`` (there may be more or fewer than masks). ``batches``: score only the
+    first that many batches of each shuffled test set (a seeded random sample of batches · batch_size images;
+    the denominator is then the images scored). ``scored`` holds the correct count of every batch.
     """
     tasks = [stream.check_task(t) for t in tasks]
-    if not tasks or batch_size < 1:
-        raise ValueError(f"need at least one task and batch_size ≥ 1, got tasks={tasks}, batch_size={batch_size}")
-    tests = [shuffled_test_set(stream, t, seed) for t in tasks]
+    if not tasks or batch_size < 1 or (batches is not None and batches < 1):
+        raise ValueError(f"need at least one task, batch_size ≥ 1 and batches ≥ 1 (or None: all), got tasks={tasks}, "
+                         f"batch_size={batch_size}, batches={batches}")
+    images = None if batches is None else batches * batch_size
+    tests = [(x[:images], y[:images]) for x, y in (shuffled_test_set(stream, t, seed) for t in tasks)]
     firsts = [x[::batch_size] for x, _ in tests]
-    chosen = infer_tasks(model, bank, torch.cat(firsts)).split([f.shape[0] for f in firsts])
-    per_task = []
-    for (x, y), masks in zip(tests, chosen):
-        mask_of_image = masks.to(y.device).repeat_interleave(batch_size)[: y.shape[0]]
-        correct = 0
-        for mask in masks.unique().tolist():  # one pass per distinct inferred mask
-            rows = mask_of_image == mask
-            correct += int((predict(model, task_weights(model, bank, mask), x[rows]) == y[rows]).sum())
-        per_task.append(correct / y.shape[0])
-    return ProtocolResult(tasks, per_task, [m.tolist() for m in chosen])
+    chosen = infer_tasks(model, bank, torch.cat(firsts)).cpu().split([f.shape[0] for f in firsts])
+    correct = [correct_per_batch(predict_batches(model, bank, x, masks, batch_size=batch_size) == y,
+                                 batch_size=batch_size) for (x, y), masks in zip(tests, chosen)]
+    per_task = gnu_score(padded(chosen, fill=-1), padded(correct), sizes=[y.shape[0] for _, y in tests],
+                         true_tasks=None).tolist()
+    return ProtocolResult(tasks, per_task, [m.tolist() for m in chosen], scored=[c.tolist() for c in correct])

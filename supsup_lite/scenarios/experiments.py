@@ -1,39 +1,62 @@
-"""Reproducible GNu runs on PermutedMNIST: train a bank of supermasks, evaluate with the paper's protocol, resume.
+"""Reproducible, resumable PermutedMNIST experiments at the paper's scale: GNu (§4.2, Fig. 3, 4) and NNs (§4.3).
 
 CLI (notebook 04 calls the same :func:`gnu_permuted_mnist`)::
 
+    python -m supsup_lite presets                                    # list the presets
+    python -m supsup_lite preset lenet-250 --out runs/lenet-250      # one paper experiment, summary in results/
     python -m supsup_lite gnu_permuted_mnist --tasks 250 --model lenet_300_100 --outputs 100 \
-        --objective H,G --batches 1000 --out runs/lenet250
+        --objective H,G --batches 1000 --out runs/lenet250           # any GNu setting
 
-Masks are trained K = ``save_every`` tasks at once (``multitask.train_bank``); after every K tasks the bank
-(``bank.pt``, bit-packed) and the results (``results.json``) are saved, and a re-run with the same ``--out``
-resumes from them: finished tasks are not retrained and finished checkpoints not re-evaluated.
+The presets are named after the authors' scripts ``experiments/GNu/MNISTPerm/{LeNet-250,FC-250,LeNet-2500}`` and
+``experiments/NNs/supsup.py`` in RAIVNLab/supsup (see :data:`PRESETS`). A run keeps its masks, state and full
+results in its run folder (``--out``, resumed when it exists: finished tasks are not retrained, finished
+checkpoints not re-evaluated, wall and CPU time are summed over the sessions); ``preset`` also writes the summary
+``results/<preset>.json`` (and ``.csv``: one row per checkpoint).
 
-Evaluation at each checkpoint T (the authors' ``eval_ckpts``) gives exactly ``protocols.gnu_accuracy``, the
-paper's GNu protocol (PAPER.md §2.5): every learned task's test set is cut into batches of 128 (a fixed shuffle
-per task); One-Shot infers each batch's task from its first image over the T masks learned so far (Eq. 4, all
-T·⌈N/128⌉ first images in one batched pass); a correctly inferred batch is classified with its own mask, a
-wrongly inferred one scores 0. How many images of each batch a task's own mask gets right does not change with
-T, so it is measured once per task, when the task is learned (``gg_batches.pt``; its sum is the GG accuracy);
-a checkpoint then costs only the One-Shot pass.
+**GNu.** Masks are trained K = ``save_every`` tasks at once (``multitask.train_bank``); after every K tasks the bank
+(``bank.pt``, bit-packed) and ``results.json`` are saved. At each checkpoint T (the authors' ``eval_ckpts``) the
+evaluation is the paper's GNu protocol (:func:`protocols.gnu_score`): each task's test set, in a fixed shuffle
+per task, is cut into batches of 128; One-Shot infers each batch's task from its first image over the T masks
+learned so far (Eq. 4, the first images of ``TASKS_PER_PASS`` tasks in one batched pass); a correctly inferred
+batch is classified with its own mask, a wrongly inferred one scores 0. The per-batch counts of a task's own mask
+do not change with T, so they are measured once per task (``gg_batches.pt``; their sum is the GG accuracy).
+
+**Sampled evaluation.** For large T (``sample_tasks``, ``sample_batches``) a checkpoint evaluates a seeded
+uniform sample of ``sample_tasks`` of the T learned tasks and, of each, the first ``sample_batches`` batches of
+its shuffled test set (a uniform sample of its images). The samples are nested: one seeded permutation of all
+tasks, of which checkpoint T takes the first ``sample_tasks`` below T. Each sampled estimate comes with a 95 %
+interval: Wilson's score interval for task-inference accuracy (one trial per inferred first image), and a
+seeded percentile bootstrap (:data:`BOOTSTRAP_RESAMPLES` resamples) for GNu and GG accuracy: resampling the
+sampled tasks (cluster bootstrap) when tasks were sampled, else the sampled batches within each task.
+
+**NNs.** :class:`supsup_lite.scenarios.allocation.NNsLearner` on the stream of ``tasks`` PermutedMNIST tasks one
+after another, ``batches`` per task, without task ids; its whole state (scores and RMSprop state of every mask,
+the allocation log) is saved every ``save_every`` tasks in ``learner.pt``. Checkpoint T scores the masks of that
+moment with :func:`~supsup_lite.scenarios.allocation.nns_accuracy` (shared labels) on data tasks 0..T−1.
 """
 from __future__ import annotations
 
 import argparse
+import csv
+import io
 import json
+import math
 import os
 import platform
 import resource
+import shlex
+import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Literal, Sequence
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..config import derive_seed, project_root
 from ..config import device as default_device
 from ..core.inference import Objective, entropy, superfluous_logsumexp
 from ..core.masks import MaskBank
@@ -41,15 +64,19 @@ from ..core.models import ARCHITECTURES, frozen_random_model
 from ..core.multitask import train_bank
 from ..core.training import predict
 from ..data.mnist import PermutedMNIST, load_mnist
-from .protocols import infer_tasks, shuffled_test_set, task_weights
+from .allocation import EPSILON, Check, NNsLearner, nns_accuracy, task_sequence_batches
+from .protocols import correct_per_batch, gnu_score, infer_tasks, shuffled_test_set, task_weights
 
 OBJECTIVES: dict[str, Objective] = {"H": entropy, "G": superfluous_logsumexp}
 MODEL_ALIASES = {"lenet": "lenet_300_100", "fc1024": "fc_1024_1024"}
 TASKS_PER_PASS = 50        # tasks whose first test images go through one batched One-Shot pass (≈ 4000 images)
 REAL_CLASSES = 10          # PermutedMNIST labels: outputs beyond these are the superfluous neurons of G
+BOOTSTRAP_RESAMPLES = 2000
+Z_95 = 1.959963984540054   # the standard normal's 97.5 % quantile
 # Settings a resumed run must share with the saved one (they decide the masks or the evaluation).
 FIXED_SETTINGS = ("model", "outputs", "batches", "batch_size", "lr", "seed", "data_seed", "save_every",
-                  "test_batch_size", "eval_seed")
+                  "test_batch_size", "eval_seed", "sample_tasks", "sample_batches")
+NNS_FIXED_SETTINGS = FIXED_SETTINGS + ("tasks", "budget", "epsilon", "check_every", "min_slots")
 
 
 def paper_eval_ckpts(tasks: int) -> tuple[int, ...]:
@@ -57,9 +84,32 @@ def paper_eval_ckpts(tasks: int) -> tuple[int, ...]:
     return tuple(sorted({min(10, tasks)} | {max(1, round(tasks * k / 5)) for k in range(1, 6)}))
 
 
+def _check_common(config: Any) -> None:
+    """Checks shared by :class:`GNuConfig` and :class:`NNsConfig`; raise ``ValueError`` naming the setting."""
+    if config.model not in ARCHITECTURES:
+        raise ValueError(f"unknown model {config.model!r}; choose one of {sorted(ARCHITECTURES)} "
+                         f"(or the aliases {sorted(MODEL_ALIASES)})")
+    for key in ("tasks", "batches", "batch_size", "test_batch_size", "save_every"):
+        if getattr(config, key) < 1:
+            raise ValueError(f"{key} must be ≥ 1, got {getattr(config, key)}")
+    for key in ("sample_tasks", "sample_batches"):
+        if getattr(config, key) is not None and getattr(config, key) < 1:
+            raise ValueError(f"{key} must be ≥ 1, or None to evaluate all; got {getattr(config, key)}")
+    if config.outputs < REAL_CLASSES:
+        raise ValueError(f"outputs must be ≥ {REAL_CLASSES} (the digit classes), got {config.outputs}")
+    if not 1 <= config.checkpoints[0] <= config.checkpoints[-1] <= config.tasks:
+        raise ValueError(f"checkpoints must lie in 1..tasks={config.tasks}, got {config.checkpoints}")
+
+
+def _normalise(config: Any) -> None:
+    set_ = lambda key, value: object.__setattr__(config, key, value)  # noqa: E731 (frozen dataclass)
+    set_("model", MODEL_ALIASES.get(config.model, config.model))
+    set_("checkpoints", tuple(sorted(set(config.checkpoints or paper_eval_ckpts(config.tasks)) | {config.tasks})))
+
+
 @dataclass(frozen=True)
 class GNuConfig:
-    """One GNu PermutedMNIST run. Defaults: the paper's LeNet 300-100 script (PAPER.md §3.2).
+    """One GNu PermutedMNIST run. Defaults: the authors' LeNet-250 scripts (1000 batches of 128, RMSprop 1e-4).
 
     tasks: number of permutations learned; model: ``lenet_300_100`` | ``fc_1024_1024`` (aliases ``lenet``,
     ``fc1024``); outputs: s, the output size (> 10 for objective G); objectives: any of ``H`` (entropy) and
@@ -67,7 +117,9 @@ class GNuConfig:
     seed: base network seed, and task t's masks train with seed + t; data_seed: PermutedMNIST task t uses
     ``RandomState(data_seed + t)`` (the paper's scripts: 1); test_batch_size, eval_seed: the evaluation
     batches (task t's test images in the order ``randperm(generator=eval_seed + t)``); checkpoints: task counts
-    at which to evaluate (default :func:`paper_eval_ckpts`); save_every: K, tasks trained at once between saves.
+    at which to evaluate (default :func:`paper_eval_ckpts`); save_every: K, tasks trained at once between saves;
+    sample_tasks, sample_batches: evaluate a seeded sample of that many tasks / first test batches per task at
+    each checkpoint (None: all, the paper's protocol).
     """
 
     tasks: int = 250
@@ -83,34 +135,175 @@ class GNuConfig:
     eval_seed: int = 0
     checkpoints: tuple[int, ...] | None = None
     save_every: int = 10
+    sample_tasks: int | None = None
+    sample_batches: int | None = None
 
     def __post_init__(self) -> None:
-        set_ = lambda key, value: object.__setattr__(self, key, value)  # noqa: E731 (frozen dataclass)
-        set_("model", MODEL_ALIASES.get(self.model, self.model))
-        set_("objectives", tuple(self.objectives))
-        set_("checkpoints", tuple(sorted(set(self.checkpoints or paper_eval_ckpts(self.tasks)) | {self.tasks})))
+        _normalise(self)
+        object.__setattr__(self, "objectives", tuple(self.objectives))
         self.validate()
 
     def validate(self) -> None:
         """Raise ``ValueError`` naming the offending setting and what is expected."""
-        if self.model not in ARCHITECTURES:
-            raise ValueError(f"unknown model {self.model!r}; choose one of {sorted(ARCHITECTURES)} "
-                             f"(or the aliases {sorted(MODEL_ALIASES)})")
-        for key in ("tasks", "batches", "batch_size", "test_batch_size", "save_every"):
-            if getattr(self, key) < 1:
-                raise ValueError(f"{key} must be ≥ 1, got {getattr(self, key)}")
-        if self.outputs < REAL_CLASSES:
-            raise ValueError(f"outputs must be ≥ {REAL_CLASSES} (the digit classes), got {self.outputs}")
+        _check_common(self)
         unknown = [o for o in self.objectives if o not in OBJECTIVES]
         if unknown or not self.objectives:
             raise ValueError(f"objectives must be a non-empty subset of {sorted(OBJECTIVES)}, got {self.objectives}")
         if "G" in self.objectives and self.outputs <= REAL_CLASSES:
             raise ValueError(f"objective G needs superfluous outputs: outputs must be > {REAL_CLASSES}, "
                              f"got {self.outputs} (use objective H)")
-        if not 1 <= self.checkpoints[0] <= self.checkpoints[-1] <= self.tasks:
-            raise ValueError(f"checkpoints must lie in 1..tasks={self.tasks}, got {self.checkpoints}")
 
 
+@dataclass(frozen=True)
+class NNsConfig:
+    """One Scenario NNs PermutedMNIST run. Defaults: the authors' ``experiments/NNs/supsup.py`` (§4.3).
+
+    tasks data tasks are streamed one after another, ``batches`` batches of ``batch_size`` each (batches of the
+    i-th task drawn with seed ``seed + i``); the learner checks for a new task every ``check_every`` batches
+    (n·max softmax(−∂H/∂α) < 1 + ``epsilon``, padded to ``min_slots`` slots) and allocates at most ``budget``
+    masks; save_every: tasks between saves of the learner state. The other settings as in :class:`GNuConfig`.
+    """
+
+    tasks: int = 2500
+    budget: int = 2500
+    model: str = "lenet_300_100"
+    outputs: int = 500
+    epsilon: float = EPSILON
+    check_every: int = 100
+    min_slots: int = 5
+    batches: int = 1000
+    batch_size: int = 128
+    lr: float = 1e-4
+    seed: int = 0
+    data_seed: int = 1
+    test_batch_size: int = 128
+    eval_seed: int = 0
+    checkpoints: tuple[int, ...] | None = None
+    save_every: int = 50
+    sample_tasks: int | None = None
+    sample_batches: int | None = None
+
+    def __post_init__(self) -> None:
+        _normalise(self)
+        _check_common(self)
+        if self.budget < 1 or self.check_every < 1 or not math.isfinite(self.epsilon) or self.epsilon < 0:
+            raise ValueError(f"budget and check_every must be ≥ 1 and epsilon a finite number ≥ 0; got "
+                             f"budget={self.budget}, check_every={self.check_every}, epsilon={self.epsilon}")
+
+
+@dataclass(frozen=True)
+class Preset:
+    """A named experiment: its settings, what it reproduces, and how it differs from the paper."""
+
+    name: str
+    config: GNuConfig | NNsConfig
+    reproduces: str
+    differs: str
+
+
+_LAPTOP_2500 = "laptop budget: {batches} batches per task instead of 1000; " \
+               "checkpoints evaluated on a seeded sample of {tasks} tasks × {images} test images, with 95 % intervals"
+PRESETS: dict[str, Preset] = {preset.name: preset for preset in (
+    Preset("lenet-250", GNuConfig(tasks=250, model="lenet_300_100", outputs=100),
+           "experiments/GNu/MNISTPerm/LeNet-250/supsup_{h,g}: Fig. 3 (left)", "none (the paper's setting)"),
+    Preset("fc-250", GNuConfig(tasks=250, model="fc_1024_1024", outputs=500),
+           "experiments/GNu/MNISTPerm/FC-250/supsup_{h,g}: Fig. 3 (right), 94.91 % after 250 tasks (§4.2)",
+           "none (the paper's setting)"),
+    Preset("lenet-2500", GNuConfig(tasks=2500, model="lenet_300_100", outputs=500, save_every=50),
+           "experiments/GNu/MNISTPerm/LeNet-2500/supsup_{h,g}: Fig. 4 (GNu), 2500 tasks", "none (for a GPU)"),
+    Preset("lenet-2500-laptop", GNuConfig(tasks=2500, model="lenet_300_100", outputs=500, batches=200,
+                                          save_every=50, sample_tasks=200, sample_batches=10),
+           "experiments/GNu/MNISTPerm/LeNet-2500/supsup_{h,g}: Fig. 4 (GNu), 2500 tasks",
+           _LAPTOP_2500.format(batches=200, tasks=200, images=1280)),
+    Preset("nns-2500-laptop", NNsConfig(tasks=2500, budget=2500, batches=100, save_every=100, sample_tasks=100,
+                                        sample_batches=10),
+           "experiments/NNs/supsup.py: Fig. 4 (NNs), 2500 tasks, budget 2500 masks",
+           "laptop budget: 100 batches per task instead of 1000, so one allocation check per task instead of ten; "
+           "checkpoints evaluated on a seeded sample of 100 tasks × 1280 test images, with 95 % intervals"),
+)}
+
+
+def gg_batch_correct(model: nn.Module, bank: MaskBank, stream: PermutedMNIST, task: int, batch_size: int,
+                     seed: int) -> torch.Tensor:
+    """Images that task ``task``'s own mask classifies right in each of its test batches: (⌈N/batch_size⌉,) float.
+
+    The batches are those of ``protocols.gnu_accuracy`` (test set shuffled by ``seed + task``).
+    """
+    x, y = shuffled_test_set(stream, task, seed)
+    return correct_per_batch(predict(model, task_weights(model, bank, task), x) == y, batch_size=batch_size)
+
+
+def first_test_images(stream: PermutedMNIST, task: int, batch_size: int, seed: int) -> torch.Tensor:
+    """The first image of every test batch of ``protocols.shuffled_test_set(stream, task, seed)``, i.e. the images
+    One-Shot sees: (⌈N/batch_size⌉, 784). Indexes before transforming, so the test set is never materialised."""
+    images, _ = load_mnist(False, "cpu")
+    order = torch.randperm(images.shape[0], generator=torch.Generator().manual_seed(seed + task))
+    return stream.transform(task, images[order[::batch_size]].to(stream.device))
+
+
+# --- sampled evaluation ------------------------------------------------------------------------------------
+def sampled_tasks(total: int, learned: int, sample: int | None, *, seed: int) -> list[int]:
+    """The tasks a checkpoint after ``learned`` tasks evaluates: all of 0..learned−1 (``sample`` None or ≥ learned),
+    else the first ``sample`` tasks below ``learned`` of one seeded permutation of 0..total−1 (sorted).
+
+    The elements below ``learned`` of a uniform permutation of 0..total−1 are a uniform permutation of
+    0..learned−1, so each checkpoint's sample is uniform and later checkpoints reuse earlier tasks.
+    """
+    if sample is None or sample >= learned:
+        return list(range(learned))
+    order = torch.randperm(total, generator=torch.Generator().manual_seed(derive_seed(seed, 0, "evaluation")))
+    return sorted(order[order < learned][:sample].tolist())
+
+
+def wilson_interval(successes: int, trials: int, *, z: float = Z_95) -> tuple[float, float]:
+    """Wilson's score interval for a binomial proportion (95 % by default): (p̂ + z²/2n ± z·√(p̂(1−p̂)/n + z²/4n²))
+    / (1 + z²/n)."""
+    if trials < 1 or not 0 <= successes <= trials:
+        raise ValueError(f"need 0 ≤ successes ≤ trials and trials ≥ 1, got {successes} of {trials}")
+    p, n = successes / trials, trials
+    centre, half = p + z * z / (2 * n), z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
+    return max(0.0, (centre - half) / (1 + z * z / n)), min(1.0, (centre + half) / (1 + z * z / n))
+
+
+def bootstrap_interval(values: torch.Tensor, *, resample: Literal["tasks", "batches"], seed: int,
+                       resamples: int = BOOTSTRAP_RESAMPLES, level: float = 0.95) -> tuple[float, float]:
+    """Percentile bootstrap interval of mean_i mean_b values[i, b]. values: (tasks, batches), e.g. the per-batch
+    accuracies of the sampled batches, or (tasks, 1) per-task accuracies.
+
+    ``resample="tasks"`` draws rows with replacement (a cluster bootstrap: the sampled tasks are a sample of the
+    learned ones); ``"batches"`` keeps every row and draws its columns with replacement (all tasks evaluated, a
+    sample of each one's batches). Seeded: the same values and seed give the same interval.
+    """
+    if values.dim() != 2 or values.numel() == 0:
+        raise ValueError(f"values must be a non-empty (tasks, batches) table, got shape {tuple(values.shape)}")
+    gen = torch.Generator().manual_seed(seed)
+    values = values.double().cpu()
+    rows, cols = values.shape
+    if resample == "tasks":
+        means = values.mean(1)[torch.randint(rows, (resamples, rows), generator=gen)].mean(1)
+    elif resample == "batches":
+        picks = torch.randint(cols, (resamples, rows, cols), generator=gen)
+        means = values.expand(resamples, rows, cols).gather(2, picks).mean((1, 2))
+    else:
+        raise ValueError(f"resample must be 'tasks' or 'batches', got {resample!r}")
+    tail = (1 - level) / 2
+    low, high = torch.quantile(means, torch.tensor([tail, 1 - tail], dtype=torch.float64)).tolist()
+    return low, high
+
+
+def sample_summary(learned: int, tasks: Sequence[int], batches: int, batch_size: int, *,
+                   inference: bool) -> dict[str, Any]:
+    """What a sampled checkpoint evaluated (``tasks`` of the ``learned``, ``batches`` test batches of each) and how
+    its 95 % intervals are computed; ``inference``: whether a task-inference accuracy (Wilson) is reported."""
+    resampled = "resampling the sampled tasks" if len(tasks) < learned else "resampling batches within each task"
+    wilson = "Wilson score interval for task inference (one trial per inferred first image); " if inference else ""
+    return {"tasks": len(tasks), "of_tasks": learned, "batches_per_task": batches,
+            "images_per_task": batches * batch_size, "inferred_images": len(tasks) * batches,
+            "interval": f"95 %: {wilson}percentile bootstrap ({BOOTSTRAP_RESAMPLES} resamples, seeded) for "
+                        f"accuracies, {resampled}"}
+
+
+# --- machine and code ----------------------------------------------------------------------------------------
 def hardware() -> dict[str, Any]:
     """Where the run happens: device, processor, torch threads, versions."""
     dev = default_device()
@@ -132,33 +325,93 @@ def peak_memory() -> dict[str, float]:
     return peak
 
 
-def gg_batch_correct(model: nn.Module, bank: MaskBank, stream: PermutedMNIST, task: int, batch_size: int,
-                     seed: int) -> torch.Tensor:
-    """Images that task ``task``'s own mask classifies right in each of its test batches: (⌈N/batch_size⌉,) float.
-
-    The batches are those of ``protocols.gnu_accuracy`` (test set shuffled by ``seed + task``).
-    """
-    x, y = shuffled_test_set(stream, task, seed)
-    right = (predict(model, task_weights(model, bank, task), x) == y).float()
-    return torch.nn.functional.pad(right, (0, -y.shape[0] % batch_size)).view(-1, batch_size).sum(1)
-
-
-def first_test_images(stream: PermutedMNIST, task: int, batch_size: int, seed: int) -> torch.Tensor:
-    """The first image of every test batch of ``protocols.shuffled_test_set(stream, task, seed)``, i.e. the images
-    One-Shot sees: (⌈N/batch_size⌉, 784). Indexes before transforming, so the test set is never materialised."""
-    images, _ = load_mnist(False, "cpu")
-    order = torch.randperm(images.shape[0], generator=torch.Generator().manual_seed(seed + task))
-    return stream.transform(task, images[order[::batch_size]].to(stream.device))
+def git_commit() -> str | None:
+    """The checkout's commit (``+dirty`` when tracked files differ from it), or None outside a git checkout."""
+    try:
+        run = lambda *args: subprocess.run(["git", *args], cwd=project_root(), capture_output=True,  # noqa: E731
+                                           text=True, timeout=10, check=True).stdout.strip()
+        return run("rev-parse", "HEAD") + ("+dirty" if run("status", "--porcelain", "--untracked-files=no") else "")
+    except (OSError, subprocess.SubprocessError):
+        return None
 
 
-class GNuRun:
-    """The state of one run: frozen model, task stream, mask bank, results (JSON-ready).
+class _Session:
+    """Shared plumbing of a resumable run: wall and CPU clocks summed over sessions, atomic JSON, hardware log."""
+
+    results: dict[str, Any]
+    out: Path | None
+
+    def _start_clocks(self) -> None:
+        self._clock, self._cpu_clock = time.perf_counter(), time.process_time()
+
+    def _tick(self) -> None:
+        now, cpu_now = time.perf_counter(), time.process_time()
+        self.results["wall_seconds"] += now - self._clock
+        self.results["cpu_seconds"] += cpu_now - self._cpu_clock
+        self._clock, self._cpu_clock = now, cpu_now
+
+    def _now(self) -> dict[str, float]:
+        return {"wall_seconds": self.results["wall_seconds"] + time.perf_counter() - self._clock,
+                "cpu_seconds": self.results["cpu_seconds"] + time.process_time() - self._cpu_clock}
+
+    def _load_saved(self, fixed: Sequence[str], config: Any) -> dict[str, Any] | None:
+        if self.out is None or not (self.out / "results.json").exists():
+            return None
+        saved = json.loads((self.out / "results.json").read_text())
+        differ = {k: (saved["config"].get(k), getattr(config, k)) for k in fixed
+                  if saved["config"].get(k) != getattr(config, k)}
+        if differ:
+            raise ValueError(f"{self.out} holds a run with other settings (saved, asked): {differ}; "
+                             f"use another --out, or delete {self.out} to start over")
+        for key in ("train_seconds", "eval_seconds", "wall_seconds", "cpu_seconds", "train_seconds_at",
+                    "checkpoints", "sessions"):
+            self.results[key] = saved.get(key, self.results[key])
+        self.results["hardware_history"] = saved.get("hardware_history", []) + [saved["hardware"]]
+        return saved
+
+    def _write_json(self) -> None:
+        if self.out is None:
+            return
+        self.out.mkdir(parents=True, exist_ok=True)
+        tmp = self.out / "results.json.tmp"
+        tmp.write_text(json.dumps(self.results, indent=1))
+        tmp.replace(self.out / "results.json")
+
+    def result(self, tasks: int, objective: str) -> dict[str, Any] | None:
+        """The saved result of checkpoint ``tasks`` with ``objective``, or None."""
+        return next((r for r in self.results["checkpoints"]
+                     if r["tasks"] == tasks and r["objective"] == objective), None)
+
+    def _add_record(self, record: dict[str, Any]) -> None:
+        self.results["checkpoints"].append(record)
+        self.results["checkpoints"].sort(key=lambda r: (r["objective"], r["tasks"]))
+
+
+def _new_results(experiment: str, config: Any) -> dict[str, Any]:
+    return {"experiment": experiment, "config": json.loads(json.dumps(asdict(config))), "hardware": hardware(),
+            "git_commit": git_commit(), "sessions": 0, "tasks_trained": 0, "train_seconds": 0.0,
+            "eval_seconds": 0.0, "wall_seconds": 0.0, "cpu_seconds": 0.0, "train_seconds_at": {},
+            "checkpoints": [], "complete": False}
+
+
+def _accuracy_record(*, per_batch: torch.Tensor, per_task: torch.Tensor, sampled: bool, by: str,
+                     seed: int) -> tuple[float, list[float] | None]:
+    """Mean accuracy over the evaluated tasks and, when sampled, its bootstrap interval."""
+    value = per_task.mean().item()
+    if not sampled:
+        return value, None
+    table = per_batch if by == "batches" else per_task[:, None]
+    return value, list(bootstrap_interval(table, resample=by, seed=seed))
+
+
+class GNuRun(_Session):
+    """The state of one GNu run: frozen model, task stream, mask bank, results (JSON-ready).
 
     With ``out`` set, everything is saved there and an existing run in ``out`` is resumed.
     """
 
     def __init__(self, config: GNuConfig, out: str | Path | None = None, progress: bool = True) -> None:
-        self._clock, self._cpu_clock = time.perf_counter(), time.process_time()
+        self._start_clocks()
         self.config, self.progress = config, progress
         self.out = Path(out) if out is not None else None
         self.device = default_device()
@@ -166,42 +419,30 @@ class GNuRun:
         self.stream = PermutedMNIST(config.tasks, seed=config.data_seed, device=self.device)
         self.bank = MaskBank.for_model(self.model, stream=self.stream)
         self.num_test = self.stream.test_set(0)[1].shape[0]
-        self.gg_batches = torch.zeros(0, -(-self.num_test // config.test_batch_size), device=self.device)
-        self.results: dict[str, Any] = {"experiment": "gnu_permuted_mnist",
-                                        "config": json.loads(json.dumps(asdict(config))),
-                                        "hardware": hardware(), "tasks_trained": 0, "train_seconds": 0.0,
-                                        "eval_seconds": 0.0, "wall_seconds": 0.0, "cpu_seconds": 0.0,
-                                        "train_seconds_at": {},
-                                        "checkpoints": [], "complete": False}
-        if self.out is not None and (self.out / "results.json").exists():
+        self.num_batches = -(-self.num_test // config.test_batch_size)
+        # per-batch counts of each task's own mask (NaN: not measured yet)
+        self.gg_batches = torch.full((config.tasks, self.num_batches), math.nan, device=self.device)
+        self.results = _new_results("gnu_permuted_mnist", config)
+        if self._load_saved(FIXED_SETTINGS, config) is not None:
             self._resume()
+        self.results["sessions"] += 1
 
     # --- files ------------------------------------------------------------------------------------
     def _resume(self) -> None:
-        saved = json.loads((self.out / "results.json").read_text())
-        differ = {k: (saved["config"].get(k), getattr(self.config, k)) for k in FIXED_SETTINGS
-                  if saved["config"].get(k) != getattr(self.config, k)}
-        if differ:
-            raise ValueError(f"{self.out} holds a run with other settings (saved, asked): {differ}; "
-                             f"use another --out, or delete {self.out} to start over")
-        for key in ("train_seconds", "eval_seconds", "wall_seconds", "cpu_seconds", "train_seconds_at", "checkpoints"):
-            self.results[key] = saved.get(key, self.results[key])
-        self.results["hardware_history"] = saved.get("hardware_history", []) + [saved["hardware"]]
         if (self.out / "bank.pt").exists():
             bank = MaskBank.load(self.out / "bank.pt", device=self.device)
             bank.check_compatible(self.model)
             self.bank = bank
             self.results["tasks_trained"] = len(bank)
         if (self.out / "gg_batches.pt").exists():
-            self.gg_batches = torch.load(self.out / "gg_batches.pt", weights_only=True)[:len(self.bank)].to(self.device)
+            saved = torch.load(self.out / "gg_batches.pt", weights_only=True)[:len(self.bank)].to(self.device)
+            self.gg_batches[:saved.shape[0]] = saved
 
     def save(self) -> None:
         """Write ``bank.pt``, ``gg_batches.pt`` and ``results.json`` (each atomically) when ``out`` is set."""
-        now, cpu_now = time.perf_counter(), time.process_time()
-        self.results["wall_seconds"] += now - self._clock
-        self.results["cpu_seconds"] += cpu_now - self._cpu_clock
-        self._clock, self._cpu_clock = now, cpu_now
-        self.results["gg_per_task"] = (self.gg_batches.sum(1) / self.num_test).tolist()
+        self._tick()
+        gg = (self.gg_batches[:len(self.bank)].sum(1) / self.num_test).tolist()
+        self.results["gg_per_task"] = [None if math.isnan(v) else v for v in gg]  # None: not measured (sampled)
         self.results["complete"] = all(self.result(t, o) is not None
                                        for t in self.config.checkpoints for o in self.config.objectives)
         if self.out is None:
@@ -209,11 +450,9 @@ class GNuRun:
         self.out.mkdir(parents=True, exist_ok=True)
         if len(self.bank):
             self.bank.save(self.out / "bank.pt")
-            torch.save(self.gg_batches.cpu(), self.out / "gg_batches.pt.tmp")
+            torch.save(self.gg_batches[:len(self.bank)].cpu(), self.out / "gg_batches.pt.tmp")
             (self.out / "gg_batches.pt.tmp").replace(self.out / "gg_batches.pt")
-        tmp = self.out / "results.json.tmp"
-        tmp.write_text(json.dumps(self.results, indent=1))
-        tmp.replace(self.out / "results.json")
+        self._write_json()
 
     # --- training -----------------------------------------------------------------------------------
     def chunk_ends(self, tasks: int) -> list[int]:
@@ -221,73 +460,107 @@ class GNuRun:
         stops = set(range(self.config.save_every, tasks, self.config.save_every)) | set(self.config.checkpoints)
         return sorted(stop for stop in stops | {tasks} if len(self.bank) < stop <= tasks)
 
-    def train_until(self, tasks: int) -> None:
+    def train_until(self, tasks: int, bar: tqdm | None = None) -> None:
         """Train tasks len(bank)..tasks−1, ``save_every`` at a time, saving after each chunk."""
         c = self.config
         for stop in self.chunk_ends(tasks):
             start, began = len(self.bank), time.perf_counter()
             train_bank(self.model, self.stream, stop, k=stop - start, num_batches=c.batches, batch_size=c.batch_size,
-                       lr=c.lr, seed=c.seed, bank=self.bank, progress=self.progress)
+                       lr=c.lr, seed=c.seed, bank=self.bank, progress=False)
             self.results["train_seconds"] += time.perf_counter() - began
             self.results["train_seconds_at"][str(stop)] = self.results["train_seconds"]
             self.results["tasks_trained"] = len(self.bank)
-            self.measure_gg()
+            if c.sample_tasks is None:  # every task is evaluated: measure its GG counts while it is new
+                self.measure_gg(range(start, stop))
             self.save()
+            if bar is not None:
+                bar.update(stop - start)
 
-    def measure_gg(self) -> None:
-        """Per-batch GG counts of every task of this run in the bank that has none yet (``gg_batches``)."""
-        c, known = self.config, self.gg_batches.shape[0]
-        rows = [gg_batch_correct(self.model, self.bank, self.stream, t, c.test_batch_size, c.eval_seed)
-                for t in range(known, min(len(self.bank), c.tasks))]
-        if rows:
-            self.gg_batches = torch.cat([self.gg_batches, torch.stack(rows)])
+    def measure_gg(self, tasks: Sequence[int]) -> None:
+        """Per-batch GG counts (``gg_batches``) of those of ``tasks`` that have none yet."""
+        c = self.config
+        for t in tasks:
+            if bool(self.gg_batches[t].isnan().any()):
+                self.gg_batches[t] = gg_batch_correct(self.model, self.bank, self.stream, t, c.test_batch_size,
+                                                      c.eval_seed)
 
     # --- evaluation ---------------------------------------------------------------------------------
-    def result(self, tasks: int, objective: str) -> dict[str, Any] | None:
-        """The saved result of checkpoint ``tasks`` with ``objective``, or None."""
-        return next((r for r in self.results["checkpoints"]
-                     if r["tasks"] == tasks and r["objective"] == objective), None)
+    def evaluation_plan(self, tasks: int) -> tuple[list[int], int]:
+        """The tasks checkpoint ``tasks`` evaluates and how many test batches of each (see :func:`sampled_tasks`)."""
+        c = self.config
+        chosen = sampled_tasks(c.tasks, tasks, c.sample_tasks, seed=c.eval_seed)
+        return chosen, min(c.sample_batches or self.num_batches, self.num_batches)
 
-    def inferred_tasks(self, tasks: int, objective: str) -> torch.Tensor:
-        """One-Shot's task for every test batch (from its first image) of tasks 0..T−1 over the first T masks:
-        (T, ⌈N/128⌉) int64, all first images in one batched pass."""
+    def inferred_tasks(self, tasks: int, objective: str, evaluated: Sequence[int] | None = None,
+                       batches: int | None = None) -> torch.Tensor:
+        """One-Shot's task for the first ``batches`` test batches (all by default; from each batch's first image)
+        of each ``evaluated`` task (default 0..T−1) over the first T = ``tasks`` masks: (len(evaluated), batches)
+        int64 on the CPU, the first images of ``TASKS_PER_PASS`` tasks per batched pass."""
         c, inferred = self.config, []
-        for start in tqdm(range(0, tasks, TASKS_PER_PASS), disable=not self.progress, leave=False,
+        evaluated = list(range(tasks)) if evaluated is None else list(evaluated)
+        batches = self.num_batches if batches is None else batches
+        for start in tqdm(range(0, len(evaluated), TASKS_PER_PASS), disable=not self.progress, leave=False,
                           desc=f"One-Shot {objective} over {tasks} masks"):
-            firsts = torch.cat([first_test_images(self.stream, t, c.test_batch_size, c.eval_seed)
-                                for t in range(start, min(start + TASKS_PER_PASS, tasks))])
+            firsts = torch.cat([first_test_images(self.stream, t, c.test_batch_size, c.eval_seed)[:batches]
+                                for t in evaluated[start:start + TASKS_PER_PASS]])
             inferred.append(infer_tasks(self.model, self.bank, firsts, objective=OBJECTIVES[objective],
-                                        num_tasks=tasks))
-        return torch.cat(inferred).view(tasks, -1)
+                                        num_tasks=tasks).cpu())
+        return torch.cat(inferred).view(len(evaluated), batches)
 
     def evaluate(self, tasks: int, objective: str) -> dict[str, Any]:
-        """The GNu protocol at checkpoint ``tasks`` with ``objective``: a wrongly inferred batch scores 0."""
-        began = time.perf_counter()
-        self.measure_gg()
-        right = self.inferred_tasks(tasks, objective) == torch.arange(tasks, device=self.device)[:, None]
-        gnu = (self.gg_batches[:tasks] * right).sum(1) / self.num_test
-        gg = self.gg_batches[:tasks].sum(1) / self.num_test
+        """The GNu protocol at checkpoint ``tasks`` with ``objective`` (:func:`protocols.gnu_score`: a wrongly
+        inferred batch scores 0), on every task or on the seeded sample of :meth:`evaluation_plan`."""
+        began, c = time.perf_counter(), self.config
+        evaluated, batches = self.evaluation_plan(tasks)
+        sampled = len(evaluated) < tasks or batches < self.num_batches
+        self.measure_gg(evaluated)
+        inferred = self.inferred_tasks(tasks, objective, evaluated, batches)
+        own = self.gg_batches[evaluated][:, :batches].cpu()
+        sizes = own.new_full((len(evaluated),), float(self.num_test if batches == self.num_batches
+                                                      else batches * c.test_batch_size))
+        gnu = gnu_score(inferred, own, sizes=sizes, true_tasks=evaluated)
+        gg = own.double().sum(1) / sizes.double()
+        right = inferred == torch.tensor(evaluated)[:, None]
+        by = "tasks" if len(evaluated) < tasks else "batches"
+        seed = derive_seed(c.eval_seed, tasks, "evaluation")
+        scored = own * right / c.test_batch_size   # per-batch accuracy (all full batches when batches are sampled)
+        gnu_value, gnu_ci = _accuracy_record(per_batch=scored, per_task=gnu, sampled=sampled, by=by, seed=seed)
+        gg_value, gg_ci = _accuracy_record(per_batch=own / c.test_batch_size, per_task=gg, sampled=sampled, by=by,
+                                           seed=seed)
         seconds = time.perf_counter() - began
         self.results["eval_seconds"] += seconds
-        record = {"tasks": tasks, "objective": objective, "gnu_accuracy": gnu.mean().item(),
-                  "task_inference_accuracy": right.float().mean().item(), "gg_accuracy": gg.mean().item(),
+        record = {"tasks": tasks, "objective": objective, "gnu_accuracy": gnu_value,
+                  "task_inference_accuracy": right.double().mean().item(), "gg_accuracy": gg_value,
                   "eval_seconds": seconds, "train_seconds": self.results["train_seconds_at"].get(str(tasks)),
-                  "wall_seconds": self.results["wall_seconds"] + time.perf_counter() - self._clock,
-                  "cpu_seconds": self.results["cpu_seconds"] + time.process_time() - self._cpu_clock,
-                  "bank_bytes": tasks * self.bank.bytes_per_task, **peak_memory(),
+                  **self._now(), "bank_bytes": tasks * self.bank.bytes_per_task, **peak_memory(),
                   "per_task_gnu_accuracy": [round(v, 5) for v in gnu.tolist()],
-                  "per_task_inference_accuracy": [round(v, 5) for v in right.float().mean(1).tolist()]}
-        self.results["checkpoints"].append(record)
-        self.results["checkpoints"].sort(key=lambda r: (r["objective"], r["tasks"]))
+                  "per_task_inference_accuracy": [round(v, 5) for v in right.double().mean(1).tolist()]}
+        if sampled:
+            record |= {"evaluated_tasks": evaluated,
+                       "sample": sample_summary(tasks, evaluated, batches, c.test_batch_size, inference=True),
+                       "ci95": {"gnu_accuracy": gnu_ci, "gg_accuracy": gg_ci,
+                                "task_inference_accuracy": list(wilson_interval(int(right.sum()), right.numel()))}}
+        self._add_record(record)
         self.save()
         return record
 
 
 def report_line(record: dict[str, Any]) -> str:
     """One line per checkpoint for the console."""
-    return (f"{record['tasks']:>5} tasks, objective {record['objective']}: GNu {100 * record['gnu_accuracy']:.2f} %, "
-            f"task inference {100 * record['task_inference_accuracy']:.2f} %, GG {100 * record['gg_accuracy']:.2f} % "
-            f"(eval {record['eval_seconds']:.1f} s, wall {record['wall_seconds']:.0f} s)")
+    ci = record.get("ci95") or {}
+    interval = lambda key: (f" [{100 * ci[key][0]:.2f}, {100 * ci[key][1]:.2f}]" if ci.get(key) else "")  # noqa: E731
+    main = "gnu_accuracy" if "gnu_accuracy" in record else "nns_accuracy"
+    line = f"{record['tasks']:>5} tasks, {record['objective']}: {main.split('_')[0].upper()} " \
+           f"{100 * record[main]:.2f} %{interval(main)}"
+    if "task_inference_accuracy" in record:
+        line += (f", task inference {100 * record['task_inference_accuracy']:.2f} %"
+                 f"{interval('task_inference_accuracy')}, "
+                 f"GG {100 * record['gg_accuracy']:.2f} %{interval('gg_accuracy')}")
+    return line + f" (eval {record['eval_seconds']:.1f} s, wall {record['wall_seconds']:.0f} s)"
+
+
+def _overall_bar(config: Any, done: int, progress: bool, what: str) -> tqdm:
+    return tqdm(total=config.tasks, initial=done, disable=not progress, unit="task", desc=what, smoothing=0.1)
 
 
 def gnu_permuted_mnist(config: GNuConfig, out: str | Path | None = None, progress: bool = True) -> dict[str, Any]:
@@ -295,22 +568,226 @@ def gnu_permuted_mnist(config: GNuConfig, out: str | Path | None = None, progres
 
     For each checkpoint T in order: train up to T tasks (K = ``save_every`` at a time, saving as it goes), then
     evaluate every objective not yet evaluated at T. The dict is what ``out/results.json`` holds: ``config``,
-    ``hardware``, ``train_seconds``, ``eval_seconds``, ``wall_seconds``, ``cpu_seconds`` (CPU time of this process,
-    all threads; both summed over resumed sessions) and
-    ``checkpoints``: one record per (T, objective) with ``gnu_accuracy``, ``task_inference_accuracy``,
-    ``gg_accuracy``, per-task lists, timings, ``bank_bytes`` and peak memory.
+    ``hardware``, ``git_commit``, ``train_seconds``, ``eval_seconds``, ``wall_seconds``, ``cpu_seconds`` (CPU time
+    of this process, all threads; both summed over resumed sessions) and ``checkpoints``: one record per
+    (T, objective) with ``gnu_accuracy``, ``task_inference_accuracy``, ``gg_accuracy``, per-task lists, timings,
+    ``bank_bytes``, peak memory and, when sampled, ``evaluated_tasks``, ``sample`` and ``ci95``.
     """
     run = GNuRun(config, out, progress)
     run.save()
-    for tasks in config.checkpoints:
-        run.train_until(tasks)
-        for objective in config.objectives:
-            if run.result(tasks, objective) is None:
-                record = run.evaluate(tasks, objective)
+    with _overall_bar(config, len(run.bank), progress, "GNu PermutedMNIST") as bar:
+        for tasks in config.checkpoints:
+            run.train_until(tasks, bar)
+            for objective in config.objectives:
+                if run.result(tasks, objective) is None:
+                    record = run.evaluate(tasks, objective)
+                    if progress:
+                        tqdm.write(report_line(record))
+    run.save()
+    return run.results
+
+
+# --- Scenario NNs ------------------------------------------------------------------------------------------
+class NNsRun(_Session):
+    """The state of one NNs run: frozen model, stream, :class:`NNsLearner` (saved in ``learner.pt``), results."""
+
+    def __init__(self, config: NNsConfig, out: str | Path | None = None, progress: bool = True) -> None:
+        self._start_clocks()
+        self.config, self.progress = config, progress
+        self.out = Path(out) if out is not None else None
+        self.device = default_device()
+        self.model = frozen_random_model(config.model, config.outputs, config.seed, self.device)
+        self.stream = PermutedMNIST(config.tasks, seed=config.data_seed, device=self.device)
+        self.learner = NNsLearner(self.model, config.model, config.seed, config.outputs, config.budget,
+                                  epsilon=config.epsilon, check_every=config.check_every, min_slots=config.min_slots,
+                                  lr=config.lr, seed=config.seed)
+        self.tasks_seen = 0
+        self._slot_files: list[str] = []
+        self._saved: tuple[int, int | None, int, int] = (0, None, 0, 0)  # log entries, live, batches, saves
+        self.results = _new_results("nns_permuted_mnist", config)
+        if self._load_saved(NNS_FIXED_SETTINGS, config) is not None and (self.out / "learner.pt").exists():
+            self._resume()
+        self.results["sessions"] += 1
+
+    def _resume(self) -> None:
+        meta = torch.load(self.out / "learner.pt", weights_only=True)
+        for file in meta["slot_files"]:
+            state = torch.load(self.out / "learner" / file, weights_only=True, map_location=self.device)
+            slot = self.learner.allocate()
+            with torch.no_grad():
+                for name, value in state["scores"].items():
+                    self.learner.scores[slot][name].copy_(value)
+            self.learner.optimizers[slot].load_state_dict(state["optimizer"])
+        self.learner.live, self.learner.batches_seen = meta["live"], meta["batches_seen"]
+        self.learner.log = [Check(**check) for check in meta["log"]]
+        self.tasks_seen = self.results["tasks_trained"] = meta["tasks_seen"]
+        self._slot_files = list(meta["slot_files"])
+        self._saved = (len(self.learner.log), self.learner.live, self.learner.batches_seen, meta["saves"])
+
+    def save(self) -> None:
+        """Write the learner state and ``results.json``. Each mask's scores and RMSprop state live in their own
+        file ``learner/slot_<i>_<save number>.pt``, rewritten only when the mask trained since the last save; then
+        ``learner.pt`` (the list of slot files, the log, the stream position) is replaced atomically, so a kill
+        at any moment leaves the previous consistent state."""
+        self._tick()
+        learner = self.learner
+        self.results["masks"] = len(learner)
+        self.results["complete"] = all(self.result(t, "H") is not None for t in self.config.checkpoints)
+        if self.out is None:
+            return
+        (self.out / "learner").mkdir(parents=True, exist_ok=True)
+        logged, live, seen, saves = self._saved
+        dirty = set(range(len(self._slot_files), len(learner)))  # new masks, and those trained since the last save
+        if learner.batches_seen != seen:
+            dirty |= {check.mask for check in learner.log[logged:] if check.mask is not None} | ({live} - {None})
+        files, stale = list(self._slot_files) + [None] * (len(learner) - len(self._slot_files)), []
+        for slot in sorted(dirty):
+            name = f"slot_{slot:05d}_{saves + 1}.pt"
+            torch.save({"scores": {n: s.detach() for n, s in learner.scores[slot].items()},
+                        "optimizer": learner.optimizers[slot].state_dict()}, self.out / "learner" / name)
+            stale.append(files[slot])
+            files[slot] = name
+        meta = {"slot_files": files, "live": learner.live, "batches_seen": learner.batches_seen,
+                "log": [asdict(check) for check in learner.log], "tasks_seen": self.tasks_seen, "saves": saves + 1}
+        torch.save(meta, self.out / "learner.pt.tmp")
+        (self.out / "learner.pt.tmp").replace(self.out / "learner.pt")
+        for name in stale:
+            if name is not None and name not in files:
+                (self.out / "learner" / name).unlink(missing_ok=True)
+        self._slot_files, self._saved = files, (len(learner.log), learner.live, learner.batches_seen, saves + 1)
+        self._write_json()
+
+    def learn_until(self, tasks: int, bar: tqdm | None = None) -> None:
+        """Stream data tasks tasks_seen..tasks−1 to the learner, saving every ``save_every`` tasks."""
+        c = self.config
+        while self.tasks_seen < tasks:
+            stop = min(tasks, (self.tasks_seen // c.save_every + 1) * c.save_every)
+            began, start = time.perf_counter(), self.tasks_seen
+            batches = task_sequence_batches(self.stream, range(start, stop), c.batches, c.batch_size, c.seed + start)
+            self.learner.learn(batches, progress=False)
+            self.tasks_seen = self.results["tasks_trained"] = stop
+            self.results["train_seconds"] += time.perf_counter() - began
+            self.results["train_seconds_at"][str(stop)] = self.results["train_seconds"]
+            self.save()
+            if bar is not None:
+                bar.update(stop - start)
+
+    def evaluate(self, tasks: int) -> dict[str, Any]:
+        """NNs accuracy (shared labels, One-Shot H) of the current masks on data tasks 0..T−1, or on a sample."""
+        began, c = time.perf_counter(), self.config
+        evaluated = sampled_tasks(c.tasks, tasks, c.sample_tasks, seed=c.eval_seed)
+        num_batches = -(-self.stream.test_set(0)[1].shape[0] // c.test_batch_size)
+        batches = min(c.sample_batches or num_batches, num_batches)
+        sampled = len(evaluated) < tasks or batches < num_batches
+        result = nns_accuracy(self.model, self.learner.bank(), self.stream, evaluated, c.test_batch_size,
+                              c.eval_seed, batches=batches if batches < num_batches else None)
+        per_task = torch.tensor(result.per_task, dtype=torch.float64)
+        per_batch = torch.tensor([row[:batches] for row in result.scored]) / c.test_batch_size
+        by = "tasks" if len(evaluated) < tasks else "batches"
+        value, ci = _accuracy_record(per_batch=per_batch, per_task=per_task, sampled=sampled, by=by,
+                                     seed=derive_seed(c.eval_seed, tasks, "evaluation"))
+        log = self.learner.log
+        seconds = time.perf_counter() - began
+        self.results["eval_seconds"] += seconds
+        record = {"tasks": tasks, "objective": "H", "nns_accuracy": value, "masks": len(self.learner),
+                  "checks": len(log), "allocations": sum(check.allocated for check in log),
+                  "skipped_checks": sum(check.mask is None for check in log),
+                  "eval_seconds": seconds, "train_seconds": self.results["train_seconds_at"].get(str(tasks)),
+                  **self._now(), **peak_memory(), "per_task_nns_accuracy": [round(v, 5) for v in per_task.tolist()]}
+        if sampled:
+            record |= {"evaluated_tasks": evaluated,
+                       "sample": sample_summary(tasks, evaluated, batches, c.test_batch_size, inference=False),
+                       "ci95": {"nns_accuracy": ci}}
+        self._add_record(record)
+        self.save()
+        return record
+
+
+def nns_permuted_mnist(config: NNsConfig, out: str | Path | None = None, progress: bool = True) -> dict[str, Any]:
+    """Run (or resume) Scenario NNs on PermutedMNIST; return the results dict (``out/results.json``): as
+    :func:`gnu_permuted_mnist`, with per-checkpoint records of ``nns_accuracy`` (shared labels), masks allocated,
+    checks made and checks skipped for want of budget."""
+    run = NNsRun(config, out, progress)
+    run.save()
+    with _overall_bar(config, run.tasks_seen, progress, "NNs PermutedMNIST") as bar:
+        for tasks in config.checkpoints:
+            if run.tasks_seen > tasks:
+                continue  # resumed past this checkpoint: it was evaluated before the save
+            run.learn_until(tasks, bar)
+            if run.result(tasks, "H") is None:
+                record = run.evaluate(tasks)
                 if progress:
                     tqdm.write(report_line(record))
     run.save()
     return run.results
+
+# --- presets and results/ -----------------------------------------------------------------------------------
+SUMMARY_COLUMNS = ("tasks", "objective", "gnu_accuracy", "gnu_ci95_low", "gnu_ci95_high", "task_inference_accuracy",
+                   "task_inference_ci95_low", "task_inference_ci95_high", "gg_accuracy", "gg_ci95_low", "gg_ci95_high",
+                   "nns_accuracy", "nns_ci95_low", "nns_ci95_high", "masks", "evaluated_tasks", "images_per_task",
+                   "train_seconds", "eval_seconds", "wall_seconds", "cpu_seconds")
+
+
+def run_experiment(config: GNuConfig | NNsConfig, out: str | Path | None = None,
+                   progress: bool = True) -> dict[str, Any]:
+    """Run or resume ``config`` (:func:`gnu_permuted_mnist` or :func:`nns_permuted_mnist`)."""
+    runner = gnu_permuted_mnist if isinstance(config, GNuConfig) else nns_permuted_mnist
+    return runner(config, out, progress)
+
+
+def summary(preset: Preset, results: dict[str, Any], *, command: str) -> dict[str, Any]:
+    """The committed summary of a run: settings, provenance, times and every checkpoint without per-task lists."""
+    records = [{k: v for k, v in r.items() if not k.startswith("per_task") and k != "evaluated_tasks"}
+               for r in results["checkpoints"]]
+    keep = ("experiment", "config", "git_commit", "hardware", "hardware_history", "sessions", "tasks_trained",
+            "masks", "train_seconds", "eval_seconds", "wall_seconds", "cpu_seconds", "complete")
+    return {"preset": preset.name, "reproduces": preset.reproduces, "differs_from_paper": preset.differs,
+            "command": command, **{k: results[k] for k in keep if k in results}, "checkpoints": records}
+
+
+def summary_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
+    """One flat row per checkpoint record (the CSV of ``results/``): accuracies, intervals, sample, times."""
+    rows = []
+    for r in results["checkpoints"]:
+        row = {k: r.get(k) for k in SUMMARY_COLUMNS}
+        for key, prefix in (("gnu_accuracy", "gnu"), ("task_inference_accuracy", "task_inference"),
+                            ("gg_accuracy", "gg"), ("nns_accuracy", "nns")):
+            low, high = ((r.get("ci95") or {}).get(key) or (None, None))
+            row[f"{prefix}_ci95_low"], row[f"{prefix}_ci95_high"] = low, high
+        sample = r.get("sample")
+        row["evaluated_tasks"] = sample["tasks"] if sample else r["tasks"]
+        row["images_per_task"] = sample["images_per_task"] if sample else None
+        rows.append(row)
+    return rows
+
+
+def write_summary(preset: Preset, results: dict[str, Any], *, command: str, folder: str | Path) -> Path:
+    """Write ``<folder>/<preset>.json`` (:func:`summary`) and ``<folder>/<preset>.csv`` (:func:`summary_rows`)."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{preset.name}.json"
+    path.write_text(json.dumps(summary(preset, results, command=command), indent=1) + "\n")
+    text = io.StringIO()
+    writer = csv.DictWriter(text, fieldnames=SUMMARY_COLUMNS, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(summary_rows(results))
+    (folder / f"{preset.name}.csv").write_text(text.getvalue())
+    return path
+
+
+def run_preset(name: str, *, out: str | Path | None = None, results_dir: str | Path | None = None,
+               progress: bool = True, command: str | None = None) -> dict[str, Any]:
+    """Run or resume preset ``name`` in ``out`` (default ``runs/<name>``) and write its summary to ``results_dir``
+    (default ``<project>/results``). Returns the full results dict."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
+    preset = PRESETS[name]
+    out = Path(out) if out is not None else Path("runs") / name
+    results = run_experiment(preset.config, out, progress)
+    command = command or f"python -m supsup_lite preset {name} --out {out}"
+    write_summary(preset, results, command=command,
+                  folder=results_dir if results_dir is not None else project_root() / "results")
+    return results
 
 
 def command_line(config: GNuConfig, out: str | Path | None = None) -> str:
@@ -331,6 +808,11 @@ def _tuple_of(kind: type, text: str) -> tuple:
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m supsup_lite", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="experiment", required=True)
+    commands.add_parser("presets", help="list the presets and their settings")
+    preset = commands.add_parser("preset", help="run or resume one preset; summary to results/<preset>.json")
+    preset.add_argument("name", help=", ".join(PRESETS))
+    preset.add_argument("--out", type=Path, default=None, help="run folder (default runs/<preset>; resumed)")
+    preset.add_argument("--results", type=Path, default=None, help="summary folder (default <project>/results)")
     gnu = commands.add_parser("gnu_permuted_mnist", help="GNu PermutedMNIST: train masks, One-Shot evaluation")
     defaults = GNuConfig()
     gnu.add_argument("--tasks", type=int, default=defaults.tasks)
@@ -348,25 +830,46 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                      help="task counts to evaluate at (default: the paper's eval_ckpts)")
     gnu.add_argument("--save-every", type=int, default=defaults.save_every,
                      help="K: tasks trained at once and between saves")
-    gnu.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    gnu.add_argument("--sample-tasks", type=int, default=None, help="evaluate a seeded sample of this many tasks")
+    gnu.add_argument("--sample-batches", type=int, default=None, help="evaluate this many test batches per task")
     gnu.add_argument("--out", type=Path, default=None, help="run folder (resumed when it exists)")
-    gnu.add_argument("--no-progress", action="store_true")
+    for command in (preset, gnu):
+        command.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+        command.add_argument("--no-progress", action="store_true")
     return parser.parse_args(argv)
+
+
+def describe_presets() -> str:
+    """One paragraph per preset: name, what it reproduces, settings, how it differs from the paper."""
+    lines = []
+    for preset in PRESETS.values():
+        settings = ", ".join(f"{k}={v}" for k, v in asdict(preset.config).items())
+        lines.append(f"{preset.name}: {preset.reproduces}\n  {type(preset.config).__name__}({settings})\n"
+                     f"  differs from the paper: {preset.differs}")
+    return "\n".join(lines)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.experiment == "presets":
+        print(describe_presets())
+        return 0
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    settings = {f.name: getattr(args, f.name) for f in fields(GNuConfig) if hasattr(args, f.name)}
+    argv = sys.argv[1:] if argv is None else list(argv)
     try:
-        results = gnu_permuted_mnist(GNuConfig(**settings), args.out, progress=not args.no_progress)
+        if args.experiment == "preset":
+            results = run_preset(args.name, out=args.out, results_dir=args.results, progress=not args.no_progress,
+                                 command=shlex.join(["python", "-m", "supsup_lite", *argv]))
+        else:
+            settings = {f.name: getattr(args, f.name) for f in fields(GNuConfig) if hasattr(args, f.name)}
+            results = gnu_permuted_mnist(GNuConfig(**settings), args.out, progress=not args.no_progress)
     except ValueError as err:  # bad settings, or --out holding another run or a damaged bank
         print(f"error: {err}", file=sys.stderr)
         return 2
     print(json.dumps({k: v for k, v in results.items() if k != "checkpoints"}
-                     | {"checkpoints": [{k: v for k, v in r.items() if not k.startswith("per_task")}
-                                        for r in results["checkpoints"]]}, indent=1))
+                     | {"checkpoints": [{k: v for k, v in r.items() if not k.startswith("per_task")
+                                         and k != "evaluated_tasks"} for r in results["checkpoints"]]}, indent=1))
     return 0
 
 

@@ -13,7 +13,7 @@ Inference of many images runs batched for fully connected models (:func:`supsup_
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterable, Literal
+from typing import Iterable, Literal, Sequence
 
 import torch
 from torch import nn
@@ -30,6 +30,7 @@ from ..core.inference import (
     one_shot,
 )
 from ..core.masks import MaskBank, apply_masks
+from ..core.models import masked_forward
 from ..core.training import evaluate, predict
 from ..data.mnist import TaskStream
 
@@ -49,6 +50,7 @@ class ProtocolResult:
     per_task: list[float]
     inferred: list[list[int]]
     given: list[float] | None = None  # GNu only: each task's accuracy with its own mask (GG), from the same pass
+    scored: list[list[float]] | None = None  # GNu and NNs: images counted right per test batch (after the penalty)
 
     @property
     def accuracy(self) -> float:
@@ -129,48 +131,123 @@ def gns_accuracy(model: nn.Module, bank: MaskBank, stream: TaskStream, tasks: It
     return ProtocolResult(tasks, per_task, [[i] for i in inferred])
 
 
+def correct_per_batch(right: torch.Tensor, *, batch_size: int) -> torch.Tensor:
+    """Images classified right in each batch of ``batch_size`` consecutive images (the last may be shorter).
+
+    right: (N,) bool or 0/1 → (⌈N/batch_size⌉,) float32 on right's device.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be ≥ 1, got {batch_size}")
+    right = right.float()
+    return torch.nn.functional.pad(right, (0, -right.shape[0] % batch_size)).view(-1, batch_size).sum(1)
+
+
+def gnu_score(inferred: torch.Tensor, correct: torch.Tensor, *, sizes: torch.Tensor | Sequence[int],
+              true_tasks: torch.Tensor | Sequence[int] | None) -> torch.Tensor:
+    """Per-task accuracy when each test batch is classified with the mask inferred for it: the one GNu scorer.
+
+    inferred: (T, nb) int, the task (mask) inferred for batch b of evaluated task i; correct: (T, nb), images of
+    that batch classified right (0 in padding batches of a shorter test set); sizes: (T,) the test-set sizes
+    (the denominators); true_tasks: (T,) the task each row belongs to, or None. Returns (T,) float64 on the CPU:
+
+        acc_i = Σ_b correct[i, b] · 1[inferred[i, b] = true_tasks[i]] / sizes[i]
+
+    With ``true_tasks`` (the paper's GNu, §4.2: "if task is not inferred correctly then accuracy is 0 for the
+    batch") ``correct`` counts the task's own mask. With ``true_tasks=None`` every batch counts and ``correct``
+    counts the inferred mask (Scenario NNs, shared labels: no mask "belongs" to a task).
+    """
+    if inferred.dim() != 2 or inferred.shape != correct.shape:
+        raise ValueError(f"inferred and correct must both be (T, batches); got {tuple(inferred.shape)} and "
+                         f"{tuple(correct.shape)}")
+    sizes = torch.as_tensor(sizes, dtype=torch.float64).cpu()
+    if sizes.shape != (inferred.shape[0],) or bool((sizes <= 0).any()):
+        raise ValueError(f"sizes must hold one positive test-set size per row ({inferred.shape[0]}), got {sizes}")
+    counted = correct.detach().double().cpu()
+    if true_tasks is not None:
+        true_tasks = torch.as_tensor(true_tasks, dtype=torch.long).cpu()
+        if true_tasks.shape != sizes.shape:
+            raise ValueError(f"true_tasks must hold one task per row ({inferred.shape[0]}), "
+                             f"got shape {tuple(true_tasks.shape)}")
+        counted = counted * (inferred.cpu() == true_tasks[:, None])
+    return counted.sum(1) / sizes
+
+
+def padded(rows: Sequence[torch.Tensor], *, fill: float = 0) -> torch.Tensor:
+    """Stack 1-d tensors of unequal lengths into (len(rows), longest), on the CPU, padding with ``fill``."""
+    return torch.nn.utils.rnn.pad_sequence([r.cpu() for r in rows], batch_first=True, padding_value=fill)
+
+
+def infer_batches(model: nn.Module, bank: MaskBank, x: torch.Tensor, *, batch_size: int,
+                  infer_from: int | None = 1, method: Method = "one_shot", objective: Objective = entropy,
+                  num_tasks: int | None = None) -> torch.Tensor:
+    """The inferred task (bank row) of each batch of ``batch_size`` consecutive images of x (N, ...): (⌈N/B⌉,) CPU
+    int64, each from the batch's first ``infer_from`` images (None: the whole batch; a last batch shorter than
+    ``infer_from``: all of it). Groups of equal size go through :func:`infer_tasks` together."""
+    if batch_size < 1 or (infer_from is not None and not 1 <= infer_from <= batch_size):
+        raise ValueError(f"need batch_size ≥ 1 and infer_from in 1..batch_size (or None: the whole batch); "
+                         f"got batch_size={batch_size}, infer_from={infer_from}")
+    take = batch_size if infer_from is None else infer_from
+    groups = [x[start:start + take] for start in range(0, x.shape[0], batch_size)]
+    full = [g for g in groups if g.shape[0] == take]
+    parts = [infer_tasks(model, bank, torch.cat(full), take, method, objective, num_tasks).cpu()] if full else []
+    if len(full) < len(groups):  # only the last batch can be shorter
+        last = groups[-1]
+        parts.append(infer_tasks(model, bank, last, last.shape[0], method, objective, num_tasks).cpu())
+    return torch.cat(parts)
+
+
+@torch.no_grad()
+def predict_batches(model: nn.Module, bank: MaskBank, x: torch.Tensor, inferred: torch.Tensor, *,
+                    batch_size: int, classes: int | None = None) -> torch.Tensor:
+    """Labels (N,) of x (N, ...) when batch b (images b·B .. (b+1)·B − 1) is classified with bank row
+    ``inferred[b]`` (⌈N/B⌉,): argmax over the first ``classes`` outputs (None: all). One pass per distinct row."""
+    if inferred.shape != (-(-x.shape[0] // batch_size),):
+        raise ValueError(f"inferred must hold one row per batch of {batch_size} of the {x.shape[0]} images, "
+                         f"i.e. shape ({-(-x.shape[0] // batch_size)},); got {tuple(inferred.shape)}")
+    row_of_image = inferred.to(x.device).repeat_interleave(batch_size)[: x.shape[0]]
+    labels = torch.empty(x.shape[0], dtype=torch.long, device=x.device)
+    for row in inferred.unique().tolist():
+        images = row_of_image == row
+        logits = masked_forward(model, task_weights(model, bank, row), x[images])
+        labels[images] = logits[:, :classes].argmax(1)
+    return labels
+
+
 def gnu_accuracy(model: nn.Module, bank: MaskBank, stream: TaskStream, tasks: Iterable[int] | None = None,
                  batch_size: int = 128, infer_from: Literal["first", "batch"] = "first",
                  method: Method = "one_shot", objective: Objective = entropy, num_tasks: int | None = None,
                  seed: int | None = 0, progress: bool = False) -> ProtocolResult:
     """The paper's GNu protocol: per task, test batches of ``batch_size`` (shuffled by ``seed + task``); the
     task of a batch is inferred from its first image (``infer_from="first"``, the paper) or from the whole batch;
-    the batch is classified with the inferred mask, and a wrongly inferred batch scores 0. Accuracy per task =
-    correct / test-set size. ``num_tasks``: search only the first k masks of the bank (a checkpoint).
-    ``given`` holds the GG accuracies (each task's own mask) measured in the same pass."""
+    the batch is classified with the inferred mask, and a wrongly inferred batch scores 0 (:func:`gnu_score`).
+    Accuracy per task = correct / test-set size. ``num_tasks``: search only the first k masks of the bank (a
+    checkpoint). ``given`` holds the GG accuracies (each task's own mask) measured in the same pass."""
     if infer_from not in ("first", "batch"):
         raise ValueError(f"infer_from must be 'first' or 'batch', got {infer_from!r}")
     if batch_size < 1:
         raise ValueError(f"batch_size must be ≥ 1, got {batch_size}")
     tasks = eval_tasks(bank, tasks, num_tasks)
-    firsts, right_per_batch, chosen, sizes = [], [], [], []
+    firsts, correct, chosen, sizes = [], [], [], []
     for t in tqdm(tasks, disable=not progress, desc="GNu", leave=False):
         x, y = shuffled_test_set(stream, t, seed)
         # a rightly inferred batch is classified with mask t itself, so one pass with mask t scores every batch
-        right = (predict(model, task_weights(model, bank, t), x) == y).float()
-        right_per_batch.append(torch.nn.functional.pad(right, (0, -y.shape[0] % batch_size))
-                               .view(-1, batch_size).sum(1).cpu())
+        correct.append(correct_per_batch(predict(model, task_weights(model, bank, t), x) == y, batch_size=batch_size))
         sizes.append(y.shape[0])
         if infer_from == "first":
             firsts.append(x[::batch_size])
         else:
-            chosen.append(_infer_batches(model, bank, x, batch_size, method, objective, num_tasks))
+            chosen.append(infer_batches(model, bank, x, batch_size=batch_size, infer_from=None, method=method,
+                                        objective=objective, num_tasks=num_tasks))
     if infer_from == "first":  # all first images at once: one pass over the bank
         chosen = infer_tasks(model, bank, torch.cat(firsts), 1, method, objective, num_tasks).cpu()
         chosen = list(chosen.split([f.shape[0] for f in firsts]))
-    per_task = [right[c == t].sum().item() / n for t, right, c, n in zip(tasks, right_per_batch, chosen, sizes)]
-    given = [right.sum().item() / n for right, n in zip(right_per_batch, sizes)]
-    return ProtocolResult(tasks, per_task, [c.tolist() for c in chosen], given)
-
-
-def _infer_batches(model: nn.Module, bank: MaskBank, x: torch.Tensor, batch_size: int, method: Method,
-                   objective: Objective, num_tasks: int | None) -> torch.Tensor:
-    """The inferred task of each batch of ``batch_size`` consecutive images (the last may be smaller)."""
-    full = (x.shape[0] // batch_size) * batch_size
-    parts = [infer_tasks(model, bank, x[:full], batch_size, method, objective, num_tasks)] if full else []
-    if full < x.shape[0]:
-        parts.append(infer_tasks(model, bank, x[full:], x.shape[0] - full, method, objective, num_tasks))
-    return torch.cat(parts).cpu()
+    correct_table = padded(correct)
+    chosen_table = padded(chosen, fill=-1)
+    per_task = gnu_score(chosen_table, correct_table, sizes=sizes, true_tasks=tasks)
+    given = correct_table.double().sum(1) / torch.tensor(sizes, dtype=torch.float64)
+    scored = correct_table * (chosen_table == torch.tensor(tasks)[:, None])
+    return ProtocolResult(tasks, per_task.tolist(), [c.tolist() for c in chosen], given.tolist(),
+                          [row[:c.numel()].tolist() for row, c in zip(scored, chosen)])
 
 
 def task_inference_accuracy(model: nn.Module, bank: MaskBank, stream: TaskStream,
