@@ -13,6 +13,7 @@ only when it is missing. No browser is downloaded: Playwright drives ``/usr/bin/
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import re
 import secrets
@@ -74,6 +75,12 @@ def jupyterlab(tmp_path):
                   ["JUPYTER_CONFIG_DIR", "JUPYTER_DATA_DIR", "JUPYTER_RUNTIME_DIR", "JUPYTERLAB_SETTINGS_DIR",
                    "JUPYTERLAB_WORKSPACES_DIR"]})
     env.pop("MPLBACKEND", None)
+    # User settings: start the notebook's kernel without asking, fetch no news (no pop-up on the screenshots).
+    for name, settings in [("notebook-extension/tracker", {"autoStartDefaultKernel": True}),
+                           ("apputils-extension/notification", {"fetchNews": "false", "checkForUpdates": False})]:
+        path = Path(env["JUPYTERLAB_SETTINGS_DIR"], "@jupyterlab", f"{name}.jupyterlab-settings")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(settings))
     log = (tmp_path / "jupyterlab.log").open("w")
     server = subprocess.Popen(
         [sys.executable, "-m", "jupyterlab", "--no-browser", "--ServerApp.ip=127.0.0.1", f"--ServerApp.port={port}",
@@ -175,6 +182,7 @@ def test_alpha_explorer_in_jupyterlab(jupyterlab, tmp_path):
         try:
             page.goto(f"{url}/lab/tree/alpha_explorer.ipynb?token={token}")
             page.locator(".jp-Notebook .jp-Cell").first.wait_for()
+            page.get_by_text("Python 3 (ipykernel) | Idle").wait_for(timeout=SERVER_START_S * 1000)
             page.locator(".lm-MenuBar-itemLabel", has_text="Run").first.click()
             page.locator(".lm-Menu-itemLabel", has_text="Run All Cells").first.click()
 
