@@ -59,10 +59,10 @@ def rotation_source_index(side: int, degrees: float) -> torch.Tensor:
 
     Returns (side²,) int64 on the CPU; −1 marks output pixels that come from outside the image. This is PIL's
     ``Image.rotate`` without expand (nearest neighbour, the authors' RotatingMNIST) done in PIL's own
-    arithmetic, so it matches bit for bit at every angle, ties included: the inverse map of output pixel
-    (x, y) about the centre c = side/2 is x_in = cos·x + sin·y + t_x, y_in = −sin·x + cos·y + t_y with θ = −degrees,
-    cos and sin rounded to 15 decimals, and the source pixel is ⌊·⌋ of the coordinates of the pixel centre
-    (x + ½, y + ½) evaluated in 16.16 fixed point (libImaging's ``affine_fixed``). A float grid_sample
+    arithmetic, so it matches bit for bit at every angle, ties included. The inverse map of output pixel
+    (x, y) about the centre c = side/2 is x_in = cos·x + sin·y + t_x, y_in = −sin·x + cos·y + t_y with
+    θ = −degrees and cos, sin rounded to 15 decimals; the source pixel is ⌊·⌋ of the map at the pixel centre
+    (x + ½, y + ½), evaluated in 16.16 fixed point (libImaging's ``affine_fixed``). A float grid_sample
     breaks the exact ties on the diagonals of a 45° turn differently.
     """
     theta = -math.radians(degrees % 360.0)
