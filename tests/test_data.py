@@ -98,7 +98,7 @@ def test_split_mnist_tasks_hold_two_digits_with_original_labels():
         SplitMNIST(num_tasks=6, device="cpu")
 
 
-@pytest.mark.parametrize("degrees", [10.0, 45.0, 170.0, 350.0])
+@pytest.mark.parametrize("degrees", [10.0, 45.0, 135.0, 170.0, 225.0, 315.0, 350.0, 33.3, -400.0])
 def test_rotation_matches_pil_as_the_authors_rotated(degrees):
     from PIL import Image
 

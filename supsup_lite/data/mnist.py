@@ -15,7 +15,6 @@ from typing import Iterator
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from .. import validation
 from ..config import data_root, resolve_device
@@ -93,19 +92,29 @@ def load_mnist(train: bool, device: torch.device | str | None = None) -> Batch:
 def rotation_source_index(side: int, degrees: float) -> torch.Tensor:
     """For each output pixel of a ``degrees`` counter-clockwise rotation, the flat input pixel it copies.
 
-    Returns (side²,) int64 on the CPU; −1 marks output pixels that come from outside the image. Nearest
-    neighbour about the image centre, exactly PIL's ``Image.rotate`` without expand (tested), which the
-    authors' RotatingMNIST uses.
+    Returns (side²,) int64 on the CPU; −1 marks output pixels that come from outside the image. This is PIL's
+    ``Image.rotate`` without expand (nearest neighbour, the authors' RotatingMNIST) done in PIL's own
+    arithmetic, so it matches bit for bit at every angle, ties included. The inverse map of output pixel
+    (x, y) about the centre c = side/2 is x_in = cos·x + sin·y + t_x, y_in = −sin·x + cos·y + t_y with
+    θ = −degrees and cos, sin rounded to 15 decimals; the source pixel is ⌊·⌋ of the map at the pixel centre
+    (x + ½, y + ½), evaluated in 16.16 fixed point (libImaging's ``affine_fixed``). A float grid_sample
+    breaks the exact ties on the diagonals of a 45° turn differently.
     """
-    theta = math.radians(degrees)
-    cos, sin = math.cos(theta), math.sin(theta)
-    # affine_grid maps output coordinates to input ones; image y points down, so a counter-clockwise
-    # turn on screen is the inverse rotation matrix in (x, y) grid coordinates.
-    matrix = torch.tensor([[[cos, -sin, 0.0], [sin, cos, 0.0]]], dtype=torch.float64)
-    grid = F.affine_grid(matrix, [1, 1, side, side], align_corners=False)
-    source = torch.arange(1, side * side + 1, dtype=torch.float64).view(1, 1, side, side)  # 0 = outside
-    sampled = F.grid_sample(source, grid, mode="nearest", padding_mode="zeros", align_corners=False)
-    return sampled.round().long().view(-1) - 1
+    theta = -math.radians(degrees % 360.0)
+    cos, sin = round(math.cos(theta), 15), round(math.sin(theta), 15)
+    centre = side / 2
+    shift_x = cos * -centre + sin * -centre + centre  # PIL's order of operations, so the doubles agree
+    shift_y = -sin * -centre + cos * -centre + centre
+
+    def fixed(value: float) -> int:
+        return math.floor(value * 65536.0 + 0.5)
+
+    xx0, yy0 = fixed(shift_x + cos * 0.5 + sin * 0.5), fixed(shift_y + -sin * 0.5 + cos * 0.5)
+    y, x = torch.meshgrid(torch.arange(side), torch.arange(side), indexing="ij")
+    x_in = torch.div(xx0 + x * fixed(cos) + y * fixed(sin), 65536, rounding_mode="floor")
+    y_in = torch.div(yy0 + x * fixed(-sin) + y * fixed(cos), 65536, rounding_mode="floor")
+    inside = (x_in >= 0) & (x_in < side) & (y_in >= 0) & (y_in < side)
+    return torch.where(inside, y_in * side + x_in, -1).view(-1)
 
 
 def rotate_images(x: torch.Tensor, degrees: float, fill: float = 0.0) -> torch.Tensor:
