@@ -28,7 +28,7 @@ import supsup_lite
 from supsup_lite import MaskBank, frozen_random_model, maskable_parameters, one_shot
 
 model = frozen_random_model("lenet_300_100", 10, seed=0, device="cpu")
-bank = MaskBank.for_model(model, "lenet_300_100", base_seed=0, num_outputs=10)
+bank = MaskBank.for_model(model)
 generator = torch.Generator().manual_seed(0)
 for _ in range(3):
     bank.append({{name: torch.rand(w.shape, generator=generator) < 0.5

@@ -22,7 +22,7 @@ def build() -> tuple[torch.nn.Module, MaskBank, PermutedMNIST]:
     torch.set_num_threads(1)
     stream = PermutedMNIST(num_tasks=TASKS, device="cpu")
     model = frozen_random_model("lenet_300_100", 10, seed=0, device="cpu")
-    bank = MaskBank.for_model(model, "lenet_300_100", base_seed=0, num_outputs=10)
+    bank = MaskBank.for_model(model)
     for task in range(TASKS):
         masks, _ = train_supermask(model, stream, task, num_batches=30, seed=task, progress=False)
         bank.append(masks)
