@@ -5,7 +5,7 @@ CLI (notebook 04 calls the same :func:`gnu_permuted_mnist`)::
     python -m supsup_lite gnu_permuted_mnist --tasks 250 --model lenet_300_100 --outputs 100 \
         --objective H,G --batches 1000 --out runs/lenet250
 
-Masks are trained K = ``save_every`` tasks at once (``multitask.train_bank``); after every K tasks the bank
+Masks are trained K = ``save_every`` tasks at once (``training.train_bank``); after every K tasks the bank
 (``bank.pt``, bit-packed) and the results (``results.json``) are saved, and a re-run with the same ``--out``
 resumes from them: finished tasks are not retrained and finished checkpoints not re-evaluated.
 
@@ -38,8 +38,7 @@ from ..config import device as default_device
 from ..core.inference import Objective, entropy, superfluous_logsumexp
 from ..core.masks import MaskBank
 from ..core.models import ARCHITECTURES, frozen_random_model
-from ..core.multitask import train_bank
-from ..core.training import predict
+from ..core.training import predict, train_bank
 from ..data.mnist import PermutedMNIST, load_mnist
 from .protocols import infer_tasks, shuffled_test_set, task_weights
 
@@ -226,8 +225,8 @@ class GNuRun:
         c = self.config
         for stop in self.chunk_ends(tasks):
             start, began = len(self.bank), time.perf_counter()
-            train_bank(self.model, self.stream, stop, k=stop - start, num_batches=c.batches, batch_size=c.batch_size,
-                       lr=c.lr, seed=c.seed, bank=self.bank, progress=self.progress)
+            train_bank(self.model, self.stream, num_tasks=stop, k=stop - start, num_batches=c.batches,
+                       batch_size=c.batch_size, lr=c.lr, seed=c.seed, bank=self.bank, progress=self.progress)
             self.results["train_seconds"] += time.perf_counter() - began
             self.results["train_seconds_at"][str(stop)] = self.results["train_seconds"]
             self.results["tasks_trained"] = len(self.bank)
