@@ -86,7 +86,17 @@ def test_common_arguments():
     assert (args.json, args.repeats, args.threads) == (True, 7, 1)
 
 
-def test_train_throughput_reports_both_paths():
+def test_train_throughput_reports_ours_reference_and_floor():
     result = run_json("train_throughput.py", "--batches", "4", "--repeats", "1")
-    assert {"ours_epoch_s", "reference_epoch_s", "accuracy"} <= set(result)
-    assert result["ours_epoch_s"] > 0 and result["reference_epoch_s"] > 0 and 0 <= result["accuracy"] <= 1
+    for name in ("ours_train", "reference_train", "floor_train"):
+        assert result[name]["median"] > 0 and len(result[name]["samples"]) == 1
+    assert {"ours_over_floor", "reference_over_floor", "environment"} <= set(result)
+    assert result["same_masks_as_reference"] is True and 0 <= result["accuracy"] <= 1
+
+
+def test_gg_training_reports_every_k_and_checks_the_masks():
+    result = run_json("gg_training.py", "--batches", "3", "--ks", "1", "3", "--repeats", "1", "--pool", "2")
+    for name in ("ours_k1_per_task", "ours_k3_per_task", "reference_per_task", "floor_per_task"):
+        assert result[name]["median"] > 0
+    assert {"ours_k1_per_task_over_floor", "ours_k3_per_task_over_floor"} <= set(result)
+    assert result["same_masks_at_once_as_alone"] is True and result["ks"] == [1, 3]
