@@ -75,7 +75,8 @@ def main() -> None:
                    timings, ratios={"ours_over_floor": timings["ours_train"].median / floor,
                                     "reference_over_floor": timings["reference_train"].median / floor,
                                     "reference_over_ours": timings["reference_train"].median / timings["ours_train"].median},
-                   extra={"batches": args.batches, "accuracy": round(evaluate(model, apply_masks(model, found["ours"]), x, y), 4),
+                   extra={"batches": args.batches,
+                          "accuracy": round(evaluate(model, apply_masks(model, found["ours"]), x, y), 4),
                           "same_masks_as_reference": all(torch.equal(found["ours"][n], found["reference"][n])
                                                          for n in found["ours"])},
                    as_json=args.json, device=dev)

@@ -226,7 +226,8 @@ class SupSupGG(ContinualMethod):
     """SupSup in scenario GG: task t learns its own supermask on the frozen ``model``; predict uses mask t.
 
     Masks never change once learned, so nothing is forgotten. Training follows ``train_supermask``, task t's
-    scores and batches seeded with ``derive_seed(seed, t, "scores")`` and ``derive_seed(seed, t, "batches")``. With ``k > 1``, ``learn(t)`` trains the masks of tasks t..t+k−1 at once and
+    scores and batches seeded with ``derive_seed(seed, t, "scores")`` and ``derive_seed(seed, t, "batches")``.
+    With ``k > 1``, ``learn(t)`` trains the masks of tasks t..t+k−1 at once and
     keeps the later ones until they are asked for: the same masks (each depends only on its own task's
     data), ``k`` times fewer passes, but future tasks' data is read early.
     """

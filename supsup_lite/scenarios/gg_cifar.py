@@ -139,7 +139,8 @@ def run_split_cifar100(num_tasks: int = 20, epochs: int = 250, budget: float = 1
     """Scenario GG on SplitCIFAR100 with the paper's GEM ResNet-18 (rn18-supsup: 250 epochs, Adam 1e-3).
 
     ``seed`` picks the class split (when ``stream`` is None), the base network's signs, and (through
-    ``derive_seed(seed, task, purpose)``) each task's score init and batch order, as one seed does in the authors' runs (they report seeds 0–4). ``budget`` is the ER budget (paper: 1–32).
+    ``derive_seed(seed, task, purpose)``) each task's score init and batch order, as one seed does in the
+    authors' runs (they report seeds 0–4). ``budget`` is the ER budget (paper: 1–32).
     ``shared_batchnorm=True`` gives every task the same BatchNorm buffers, the bug of the authors' first
     releases, to show what it does. After each task every learned task is re-evaluated (``GGResult.accuracy``).
     """
