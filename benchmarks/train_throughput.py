@@ -1,114 +1,85 @@
-"""One epoch (469 batches of 128) of PermutedMNIST supermask training on LeNet 300-100: ours vs a reference path.
+"""Mask training on PermutedMNIST, LeNet 300-100: ours against the plain recipe and the dense compute floor.
 
-ours:      supsup_lite's tensor stream on the device + the fused straight-through kernel (train_supermask).
-reference: a torchvision DataLoader with per-sample transforms (ToTensor → Normalize → Permute, as the
-           authors' notebook) feeding the same network, mask rule and optimiser, with the unfused mask product.
+ours:      ``train_supermask`` (the hand-written MLP step: fused straight-through, in-place RMSprop, no allocations).
+reference: the plain recipe — autograd through ``masked_forward`` with the straight-through mask, and
+           ``torch.optim.RMSprop`` on the scores — on the same batches; it learns the same mask bit for bit.
+floor:     the same network's dense forward + backward + plain SGD step on the same batches, no masks.
+All three read the same batches, built once in memory before timing (one epoch = 469 batches of 128).
 
-Usage: python benchmarks/train_throughput.py [--batches 469] [--repeats 3] [--json]
+Usage: python benchmarks/train_throughput.py [--batches 469] [--outputs 10] [--repeats 5] [--threads N] [--json]
 """
 from __future__ import annotations
 
 import argparse
-import json
-import platform
-import time
 
 import torch
 import torch.nn.functional as F
 
-from supsup_lite.config import data_root, device as pick_device
-from supsup_lite.data.mnist import MNIST_MEAN, MNIST_STD, PermutedMNIST
-from supsup_lite.core.masks import apply_masks, init_scores, threshold_supermask
+import harness
+from supsup_lite.config import device as pick_device
+from supsup_lite.core.masks import apply_masks, final_masks, init_scores, supermask_weight
 from supsup_lite.core.models import frozen_random_model, maskable_parameters, masked_forward
 from supsup_lite.core.training import evaluate, train_supermask
+from supsup_lite.data import PermutedMNIST
 
 
-def sync(dev: torch.device) -> None:
-    if dev.type == "cuda":
-        torch.cuda.synchronize()
-
-
-def time_ours(stream: PermutedMNIST, batches: int, dev: torch.device) -> tuple[float, float]:
-    """Seconds for ``batches`` steps of train_supermask, and the test accuracy of the mask it learns."""
-    model = frozen_random_model("lenet_300_100", 10, seed=0, device=dev)
-    train_supermask(model, stream, 0, num_batches=5, progress=False)  # warm-up
-    sync(dev)
-    start = time.perf_counter()
-    masks, _ = train_supermask(model, stream, 0, num_batches=batches, progress=False)
-    sync(dev)
-    seconds = time.perf_counter() - start
-    x, y = stream.test_set(0)
-    return seconds, evaluate(model, apply_masks(model, masks), x, y)
-
-
-def reference_loader(stream: PermutedMNIST, batch_size: int) -> torch.utils.data.DataLoader:
-    """The authors' data path: per-sample PIL → tensor → normalise → permute, in a DataLoader."""
-    from torchvision import datasets, transforms
-
-    perm = stream.permutation(0).cpu()
-    transform = transforms.Compose([
-        transforms.ToTensor(), transforms.Normalize((MNIST_MEAN,), (MNIST_STD,)),
-        transforms.Lambda(lambda x: x.view(-1)[perm]),
-    ])
-    dataset = datasets.MNIST(str(data_root()), train=True, download=True, transform=transform)
-    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=True,
-                                       generator=torch.Generator().manual_seed(0))
-
-
-def time_reference(stream: PermutedMNIST, batches: int, dev: torch.device) -> tuple[float, float]:
-    """Seconds for ``batches`` steps fed by the DataLoader, unfused mask product; and its test accuracy."""
-    model = frozen_random_model("lenet_300_100", 10, seed=0, device=dev)
+def reference_masks(model: torch.nn.Module, batches: list, seed: int) -> dict:
+    """The plain recipe: autograd + straight-through + ``torch.optim.RMSprop`` on the scores."""
     params = maskable_parameters(model)
-    scores = init_scores(model, torch.Generator().manual_seed(0))
+    scores = init_scores(model, torch.Generator().manual_seed(seed))
     optimizer = torch.optim.RMSprop(scores.values(), lr=1e-4)
-    sync(dev)
-    start = time.perf_counter()
-    done = 0
-    while done < batches:
-        for x, y in reference_loader(stream, 128):
-            x, y = x.to(dev), y.to(dev)
-            weights = {n: params[n] * threshold_supermask(s) for n, s in scores.items()}
-            loss = F.cross_entropy(masked_forward(model, weights, x), y)
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-            done += 1
-            if done == batches:
-                break
-    sync(dev)
-    seconds = time.perf_counter() - start
-    x, y = stream.test_set(0)
-    masks = {n: s >= 0 for n, s in scores.items()}
-    return seconds, evaluate(model, apply_masks(model, masks), x, y)
+    for x, y in batches:
+        loss = F.cross_entropy(masked_forward(model, {n: supermask_weight(params[n], s) for n, s in scores.items()},
+                                              x), y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+    return final_masks(scores)
+
+
+def dense_floor(model: torch.nn.Module, batches: list, lr: float = 1e-2) -> None:
+    """Dense forward + backward + SGD step of the same network on the same batches (weights copied, no masks)."""
+    weights = {n: p.detach().clone().requires_grad_(True) for n, p in maskable_parameters(model).items()}
+    for x, y in batches:
+        loss = F.cross_entropy(masked_forward(model, weights, x), y)
+        grads = torch.autograd.grad(loss, list(weights.values()))
+        with torch.no_grad():
+            torch._foreach_add_(list(weights.values()), grads, alpha=-lr)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--batches", type=int, default=469, help="training steps to time (469 = one epoch)")
-    parser.add_argument("--repeats", type=int, default=3, help="timed repeats of our path; the best is kept")
-    parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
-    args = parser.parse_args()
+    parser.add_argument("--batches", type=int, default=469, help="training steps per timed call (469 = one epoch)")
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--outputs", type=int, default=10, help="output neurons s")
+    args = harness.common_arguments(parser).parse_args()
+    harness.apply_threads(args)
     dev = pick_device()
     stream = PermutedMNIST(num_tasks=1, device=dev)
-    ours = [time_ours(stream, args.batches, dev) for _ in range(args.repeats)]
-    ours_s, accuracy = min(ours)
-    reference_s, reference_accuracy = time_reference(stream, args.batches, dev)
-    result = {
-        "batches": args.batches, "device": str(dev), "threads": torch.get_num_threads(),
-        "cpu": platform.processor() or platform.machine(), "torch": torch.__version__,
-        "ours_epoch_s": round(ours_s, 3), "reference_epoch_s": round(reference_s, 3),
-        "speedup": round(reference_s / ours_s, 2), "accuracy": round(accuracy, 4),
-        "reference_accuracy": round(reference_accuracy, 4),
-    }
-    if args.json:
-        print(json.dumps(result))
-        return
-    print(f"PermutedMNIST supermask training, LeNet 300-100, {args.batches} batches of 128, "
-          f"{dev} ({torch.get_num_threads()} threads), torch {torch.__version__}")
-    print(f"{'path':<44}{'seconds':>9}{'test acc':>10}")
-    print(f"{'ours: tensor stream + fused STE kernel':<44}{ours_s:>9.2f}{accuracy:>10.2%}")
-    print(f"{'reference: DataLoader, per-sample transforms':<44}{reference_s:>9.2f}{reference_accuracy:>10.2%}")
-    print(f"speed-up: {reference_s / ours_s:.1f}x")
+    batches = list(stream.train_batches(0, args.batch_size, args.batches, 0))  # setup: outside every timing
+    model = frozen_random_model("lenet_300_100", args.outputs, seed=0, device=dev)
+    found = {}
+
+    def ours() -> None:
+        found["ours"] = train_supermask(model, batches, seed=0, progress=False).masks[0]
+
+    def reference() -> None:
+        found["reference"] = reference_masks(model, batches, seed=0)
+
+    timings = {"ours_train": harness.measure(ours, repeats=args.repeats, device=dev),
+               "reference_train": harness.measure(reference, repeats=args.repeats, device=dev),
+               "floor_train": harness.measure(lambda: dense_floor(model, batches), repeats=args.repeats, device=dev)}
+    x, y = stream.test_set(0)
+    floor = timings["floor_train"].median
+    harness.report(f"Mask training, LeNet 300-100 (s={args.outputs}), {args.batches} batches of {args.batch_size}",
+                   timings, ratios={"ours_over_floor": timings["ours_train"].median / floor,
+                                    "reference_over_floor": timings["reference_train"].median / floor,
+                                    "reference_over_ours": timings["reference_train"].median / timings["ours_train"].median},
+                   extra={"batches": args.batches,
+                          "accuracy": round(evaluate(model, apply_masks(model, found["ours"]), x, y), 4),
+                          "same_masks_as_reference": all(torch.equal(found["ours"][n], found["reference"][n])
+                                                         for n in found["ours"])},
+                   as_json=args.json, device=dev)
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ from .core.masks import (
                     MaskBank,
                     MaskBankError,
                     apply_masks,
+                    final_masks,
                     init_scores,
                     supermask_weight,
                     threshold_supermask,
@@ -24,19 +25,23 @@ from .core.models import (
                     build_model,
                     fc_1024_1024,
                     frozen_random_model,
+                    batched_masked_forward,
                     lenet_300_100,
                     maskable_parameters,
                     masked_forward,
                     signed_constant_,
 )
-from .core.multitask import train_bank, train_masks_at_once
 from .core.superpose import superposed_weights
 from .core.training import (
+                    TrainHistory,
+                    TrainResult,
                     evaluate,
+                    masked_weights,
                     predict,
-                    supermask_forward,
+                    train_bank,
                     train_dense,
                     train_supermask,
+                    train_supermasks,
 )
 from .data.mnist import (
                     DataNotFoundError,

@@ -30,6 +30,6 @@ def trained_bank(permuted: PermutedMNIST) -> tuple[torch.nn.Module, MaskBank]:
     model = frozen_random_model("lenet_300_100", 10, seed=0, device="cpu")
     bank = MaskBank.for_model(model, stream=permuted)
     for task in range(4):
-        masks, _ = train_supermask(model, permuted, task, num_batches=150, seed=task, progress=False)
-        bank.append(masks)
+        result = train_supermask(model, permuted.train_batches(task, 128, 150, task), seed=task, progress=False)
+        bank.append(result.masks[0])
     return model, bank

@@ -6,6 +6,8 @@ import math
 import pytest
 import torch
 
+from supsup_lite.config import derive_seed
+
 from supsup_lite.scenarios.allocation import (EPSILON, Check, NNsLearner, allocation_counts, is_new_task,
                                               learn_tasks, nns_accuracy, novelty_score, task_sequence_batches)
 from supsup_lite.core.inference import one_shot
@@ -92,9 +94,11 @@ def test_spent_budget_trains_nothing_and_keeps_old_masks(run):
 
 
 def test_one_mask_per_task_reproduces_train_supermask_bit_for_bit(run, permuted):
-    # Mask 1 was allocated for the stream's 2nd task (batches seeded 0 + 1) and never trained again.
+    # Mask 1 was allocated for the stream's 2nd entry (batches and scores derived from seed 0 and index 1)
+    # and never trained again.
     model, _, banks = run
-    expected, _ = train_supermask(model, permuted, 1, num_batches=BATCHES, seed=1, progress=False)
+    batches = permuted.train_batches(1, 128, BATCHES, derive_seed(0, 1, "batches"))
+    expected = train_supermask(model, batches, seed=derive_seed(0, 1, "scores"), progress=False).masks[0]
     got = banks[4].get(1, torch.bool)
     assert all(torch.equal(got[name], expected[name]) for name in expected)
 
@@ -112,8 +116,8 @@ def test_bank_includes_the_live_mask_and_references_are_initial_masks(run):
 def test_task_sequence_batches_labels_and_reseeds_each_segment(permuted):
     seen = list(task_sequence_batches(permuted, [3, 3], batches_per_task=2, batch_size=8, seed=5))
     assert [t for t, _, _ in seen] == [3, 3, 3, 3]
-    x0, _ = next(permuted.train_batches(3, 8, 1, seed=5))
-    x1, _ = next(permuted.train_batches(3, 8, 1, seed=6))
+    x0, _ = next(permuted.train_batches(3, 8, 1, seed=derive_seed(5, 0, "batches")))
+    x1, _ = next(permuted.train_batches(3, 8, 1, seed=derive_seed(5, 1, "batches")))
     assert torch.equal(seen[0][1], x0) and torch.equal(seen[2][1], x1)
 
 

@@ -286,7 +286,7 @@ def test_si_importance_is_mostly_positive_after_a_task(permuted):
 
 
 def test_batche_freezes_w_after_the_first_task_and_never_forgets(permuted):
-    batche = BatchE(dense_model("lenet_300_100"), permuted, num_batches=30, batch_size=64, first_lr=1e-3, lr=1e-2)
+    batche = BatchE(dense_model("lenet_300_100"), permuted, num_batches=60, batch_size=64, first_lr=1e-3, lr=1e-2)
     batche.learn(0)
     x0, _ = permuted.test_set(0)
     before, weights = batche.predict(x0[:500], 0), snapshot(maskable_parameters(batche.model))

@@ -194,16 +194,23 @@ def task0_logits(model, stream, masks, stats) -> torch.Tensor:
     return torch.func.functional_call(model, task_weights(model, masks, stats), (x,))
 
 
+def one_gg_task(model, stream, task, stats, densities, *, epochs, batch_size, **settings):
+    """``train_gg_task`` on ``epochs`` epochs of ``stream``'s task, batches and scores seeded with the task."""
+    per_epoch = -(-stream.num_train(task) // batch_size)
+    return train_gg_task(model, stream.train_batches(task, batch_size, epochs * per_epoch, task), bn_stats=stats,
+                         densities=densities, num_batches=epochs * per_epoch, batches_per_epoch=per_epoch, seed=task,
+                         progress=False, **settings)
+
+
 @pytest.mark.parametrize("shared", [False, True])
 def test_later_task_leaves_earlier_task_bit_identical_only_with_per_task_batchnorm(two_tasks, shared):
     model, stream = two_tasks
     densities = er_densities(model, budget=4)
-    train = dict(densities=densities, epochs=1, batch_size=10, progress=False)
     stats0 = batchnorm_stats(model)
-    masks0, _ = train_gg_task(model, stream, 0, stats0, seed=0, **train)
+    masks0 = one_gg_task(model, stream, 0, stats0, densities, epochs=1, batch_size=10).masks[0]
     before = task0_logits(model, stream, masks0, stats0)
     stats1 = stats0 if shared else batchnorm_stats(model)
-    masks1, _ = train_gg_task(model, stream, 1, stats1, seed=1, **train)
+    masks1 = one_gg_task(model, stream, 1, stats1, densities, epochs=1, batch_size=10).masks[0]
     after = task0_logits(model, stream, masks0, stats0)
     assert not model.training
     assert any(not torch.equal(masks0[n], masks1[n]) for n in masks0)
@@ -230,8 +237,8 @@ def test_train_gg_task_learns_and_keeps_er_density(two_tasks):
     model, stream = two_tasks
     densities = er_densities(model, budget=32)
     stats = batchnorm_stats(model)
-    masks, history = train_gg_task(model, stream, 0, stats, densities, epochs=20, batch_size=20, lr=1e-2,
-                                   seed=0, progress=False)
+    result = one_gg_task(model, stream, 0, stats, densities, epochs=20, batch_size=20, lr=1e-2)
+    masks, history = result.masks[0], result.history[0]
     assert len(history.loss) == 20 and history.loss[-1] < 0.5 * history.loss[0]
     for name, mask in masks.items():
         assert mask.dtype == torch.bool

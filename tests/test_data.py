@@ -2,7 +2,6 @@ import numpy as np
 import pytest
 import torch
 
-from supsup_lite import config
 from supsup_lite.data.mnist import (MNIST_MEAN, MNIST_STD, DataNotFoundError, PermutedMNIST, RotatedMNIST, SplitMNIST,
                               load_mnist, rotate_images)
 

@@ -12,8 +12,8 @@ from supsup_lite.core.masks import MaskBank, apply_masks
 from supsup_lite.core.training import predict
 from supsup_lite.scenarios.allocation import EPSILON, nns_accuracy
 from supsup_lite.scenarios.experiments import (PRESETS, GNuConfig, GNuRun, NNsConfig, NNsRun, Preset,
-                                               bootstrap_interval, gnu_permuted_mnist, nns_permuted_mnist,
-                                               paper_eval_ckpts, sampled_tasks, wilson_interval)
+                                               bootstrap_interval, gnu_interval, gnu_permuted_mnist,
+                                               nns_permuted_mnist, paper_eval_ckpts, sampled_tasks, wilson_interval)
 from supsup_lite.scenarios.protocols import gg_accuracy, gnu_accuracy, shuffled_test_set
 
 TINY = dict(tasks=4, model="lenet_300_100", outputs=25, batches=5, save_every=2, checkpoints=(2, 4))
@@ -356,3 +356,19 @@ def test_preset_writes_the_summary_json_and_csv(config, tmp_path, monkeypatch, c
     assert all(float(r[f"{prefix}_ci95_low"]) <= float(r[main]) <= float(r[f"{prefix}_ci95_high"]) for r in rows)
     assert (tmp_path / "results" / "tiny.json").stat().st_size < 20_000
     capsys.readouterr()
+
+
+def test_two_stage_bootstrap_sees_the_noise_within_tasks():
+    gen = torch.Generator().manual_seed(0)
+    table = (torch.rand(8, 10, generator=gen) < 0.5).double()   # noisy batches, tasks alike on average
+    two_stage = bootstrap_interval(table, resample="tasks", seed=1)
+    tasks_only = bootstrap_interval(table.mean(1, keepdim=True), resample="tasks", seed=1)
+    assert two_stage[1] - two_stage[0] > tasks_only[1] - tasks_only[0]
+
+
+def test_gnu_interval_keeps_failures_the_sample_did_not_see():
+    # 80 sampled batches, every task inferred right: the GNu bootstrap equals GG's, but P(right) may be < 1
+    bootstrap = gg = (0.79, 0.81)
+    inference = wilson_interval(80, 80, z=2.241402727604947)
+    low, high = gnu_interval(bootstrap, gg, inference)
+    assert low == pytest.approx(0.79 * inference[0]) and low < 0.76 and high == 0.81

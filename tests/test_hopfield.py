@@ -2,8 +2,7 @@
 import pytest
 import torch
 
-from supsup_lite.scenarios.hopfield import (RULES, async_update, capacity_curve, energy, hebbian_update,
-                                            random_patterns, recall, simplified_storkey_update, storkey_update,
+from supsup_lite.scenarios.hopfield import (RULES, async_update, capacity_curve, energy, random_patterns, recall, simplified_storkey_update, storkey_update,
                                             store, sync_update, tie_tolerance, to_bipolar, to_mask,
                                             without_self_coupling)
 

@@ -1,9 +1,58 @@
 import pytest
 import torch
+import torch.nn.functional as F
+from torch import nn
 
-from supsup_lite.core.masks import apply_masks
-from supsup_lite.core.models import build_model, frozen_random_model, maskable_parameters
-from supsup_lite.core.training import evaluate, train_dense, train_supermask
+from supsup_lite.core.masks import apply_masks, final_masks, init_scores, supermask_weight, topk_supermask
+from supsup_lite.core.models import (build_model, frozen_random_model, maskable_parameters, masked_forward,
+                                     signed_constant_)
+from supsup_lite.core.training import (TrainResult, evaluate, fit, mlp_weights, train_dense, train_supermask,
+                                       train_supermasks)
+
+
+def reference_scores(model: nn.Module, batches, *, seed: int, keep_frac: float | None = None) -> dict:
+    """The plain recipe: autograd through the masked forward and torch.optim.RMSprop on the scores."""
+    params = maskable_parameters(model)
+    scores = init_scores(model, torch.Generator().manual_seed(seed))
+    optimizer = torch.optim.RMSprop(scores.values(), lr=1e-4)
+    for x, y in batches:
+        weights = {n: supermask_weight(params[n], s) if keep_frac is None else params[n] * topk_supermask(s, keep_frac)
+                   for n, s in scores.items()}
+        loss = F.cross_entropy(masked_forward(model, weights, x), y)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return scores
+
+
+@pytest.mark.parametrize("keep_frac", [None, 0.3])
+def test_fast_mlp_step_equals_the_plain_autograd_loop_bit_for_bit(permuted, keep_frac):
+    model = frozen_random_model("lenet_300_100", 10, seed=1, device="cpu")
+    assert mlp_weights(model) is not None  # the hand-written step is the one under test
+    ours = train_supermask(model, permuted.train_batches(2, 64, 30, 7), seed=7, keep_frac=keep_frac, progress=False)
+    expected = final_masks(reference_scores(model, permuted.train_batches(2, 64, 30, 7), seed=7, keep_frac=keep_frac),
+                           keep_frac=keep_frac)
+    for name in expected:
+        assert torch.equal(ours.masks[0][name], expected[name]), name
+
+
+def test_any_other_network_trains_through_autograd_with_the_same_recipe():
+    net = nn.Sequential(nn.Conv2d(1, 3, 5, bias=False), nn.ReLU(), nn.Flatten(), nn.Linear(3 * 24 * 24, 4, bias=False))
+    signed_constant_(net, torch.Generator().manual_seed(0))
+    assert mlp_weights(net) is None
+    g = torch.Generator().manual_seed(3)
+    batches = [(torch.randn(16, 1, 28, 28, generator=g), torch.randint(0, 4, (16,), generator=g)) for _ in range(8)]
+    ours = train_supermask(net, batches, seed=5, progress=False)
+    expected = final_masks(reference_scores(net, batches, seed=5))
+    assert all(torch.equal(ours.masks[0][n], expected[n]) for n in expected)
+
+
+def test_mlp_weights_recognises_only_bias_free_relu_mlps():
+    assert len(mlp_weights(build_model("fc_1024_1024"))) == 3
+    assert mlp_weights(nn.Sequential(nn.Linear(4, 3, bias=False))) is not None
+    assert mlp_weights(nn.Sequential(nn.Linear(4, 3))) is None  # bias
+    assert mlp_weights(nn.Sequential(nn.Linear(4, 3, bias=False), nn.Tanh(), nn.Linear(3, 2, bias=False))) is None
+    assert mlp_weights(nn.Sequential(nn.Linear(4, 3, bias=False), nn.ReLU())) is None  # ends in a ReLU
 
 
 def test_supermask_training_learns_and_never_changes_weights(permuted):
@@ -11,41 +60,53 @@ def test_supermask_training_learns_and_never_changes_weights(permuted):
     before = {n: p.clone() for n, p in maskable_parameters(model).items()}
     x, y = permuted.test_set(0)
     chance = evaluate(model, None, x, y)
-    masks, history = train_supermask(model, permuted, 0, num_batches=120, seed=0, progress=False)
+    result = train_supermask(model, permuted.train_batches(0, 128, 120, 0), seed=0, progress=False)
+    assert isinstance(result, TrainResult) and len(result.masks) == 1 and result.seconds > 0
+    masks, history = result.masks[0], result.history[0]
     assert all(torch.equal(before[n], p) for n, p in maskable_parameters(model).items())
     assert all(m.dtype == torch.bool and m.shape == before[n].shape for n, m in masks.items())
     accuracy = evaluate(model, apply_masks(model, masks), x, y)
     assert chance < 0.2 and accuracy > 0.75
-    assert len(history.loss) == 120 and history.loss[-1] < history.loss[0]
+    assert len(history.loss) == len(history.accuracy) == 120 and history.loss[-1] < history.loss[0]
 
 
 def test_training_is_deterministic_given_the_seed(permuted):
     model = frozen_random_model("lenet_300_100", seed=0, device="cpu")
-    a, _ = train_supermask(model, permuted, 1, num_batches=15, seed=5, progress=False)
-    b, _ = train_supermask(model, permuted, 1, num_batches=15, seed=5, progress=False)
-    c, _ = train_supermask(model, permuted, 1, num_batches=15, seed=6, progress=False)
+    a, b, c = (train_supermask(model, permuted.train_batches(1, 128, 15, 5), seed=seed, progress=False).masks[0]
+               for seed in (5, 5, 6))
     assert all(torch.equal(a[n], b[n]) for n in a) and any(not torch.equal(a[n], c[n]) for n in a)
 
 
 def test_topk_rule_keeps_the_requested_density(permuted):
     model = frozen_random_model("lenet_300_100", seed=0, device="cpu")
-    masks, _ = train_supermask(model, permuted, 0, num_batches=5, keep_frac=0.3, progress=False)
-    for mask in masks.values():
+    result = train_supermask(model, permuted.train_batches(0, 128, 5, 0), seed=0, keep_frac=0.3, progress=False)
+    for mask in result.masks[0].values():
         assert mask.sum().item() == mask.numel() - int(0.7 * mask.numel())
 
 
 def test_unfrozen_base_is_refused(permuted):
     with pytest.raises(ValueError, match="frozen"):
-        train_supermask(build_model("lenet_300_100"), permuted, 0, num_batches=1, progress=False)
+        train_supermask(build_model("lenet_300_100"), permuted.train_batches(0, 128, 1), seed=0, progress=False)
+    with pytest.raises(ValueError, match="no maskable"):
+        train_supermasks(nn.Sequential(nn.ReLU()), [[]], seeds=[0], progress=False)
 
 
 def test_dense_training_changes_weights_and_learns(permuted):
     torch.manual_seed(0)
     model = build_model("lenet_300_100")
     before = model[1].weight.detach().clone()
-    train_dense(model, permuted, 0, num_batches=60, lr=1e-3, progress=False)
+    result = train_dense(model, permuted.train_batches(0, 128, 60, 0), lr=1e-3, progress=False)
     x, y = permuted.test_set(0)
-    assert not torch.equal(before, model[1].weight) and evaluate(model, None, x, y) > 0.8
+    assert result.masks == [] and len(result.history[0].loss) == 60
+    assert not torch.equal(before, model[1].weight) and evaluate(model, None, x, y) > 0.8 and not model.training
+
+
+def test_fit_calls_after_step_with_the_step_index():
+    model = nn.Linear(3, 2)
+    seen = []
+    history = fit(model, torch.optim.SGD(model.parameters(), lr=0.1), [(torch.randn(4, 3), torch.zeros(4).long())] * 3,
+                  progress=False, after_step=seen.append)
+    assert seen == [0, 1, 2] and len(history.loss) == 3
 
 
 def test_evaluate_checks_sizes():

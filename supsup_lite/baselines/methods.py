@@ -12,9 +12,9 @@ from typing import Callable, Iterable, Literal
 import torch
 from torch import nn
 
+from ..config import derive_seed
 from ..core.inference import Objective, entropy
 from ..core.models import maskable_parameters, masked_forward
-from ..core.multitask import task_seed
 from ..core.storage import SEED_BYTES, dense_bytes
 from ..core.training import fit, predict
 from ..data.mnist import TaskStream
@@ -62,18 +62,19 @@ def _need_task(method: str, task: int | None, learned: Iterable[int]) -> int:
 
 
 class _Trained(ContinualMethod):
-    """Shared plumbing: a stream, training settings, and one ``fit`` call per task with seed ``task_seed``."""
+    """Shared plumbing: a stream, training settings, and one ``fit`` call per task, its batches seeded with
+    ``derive_seed(seed, task, "batches")``."""
 
     def __init__(self, stream: TaskStream, num_batches: int | None, batch_size: int, seed: int,
                  progress: bool) -> None:
         super().__init__(stream)
         self.num_batches, self.batch_size, self.seed, self.progress = num_batches, batch_size, seed, progress
 
-    def _fit(self, task: int, forward: Callable[[torch.Tensor], torch.Tensor], parameters: list[torch.Tensor],
+    def _fit(self, task: int, forward: Callable[[torch.Tensor], torch.Tensor],
              optimizer: torch.optim.Optimizer | PenalisedOptimizer) -> None:
-        batches = self.stream.train_batches(task, self.batch_size, self.num_batches, task_seed(task, self.seed))
-        total = self.num_batches if self.num_batches is not None else -(-self.stream.num_train(task) // self.batch_size)
-        fit(forward, parameters, optimizer, batches, total, self.progress, f"{self.name}, task {task}")
+        batches = self.stream.train_batches(task, self.batch_size, self.num_batches,
+                                            derive_seed(self.seed, task, "batches"))
+        fit(forward, optimizer, batches, progress=self.progress, description=f"{self.name}, task {task}")
 
 
 class PenalisedFineTuning(_Trained):
@@ -108,7 +109,7 @@ class PenalisedFineTuning(_Trained):
         self.model.train()
         optimizer = PenalisedOptimizer(torch.optim.RMSprop(self.params.values(), lr=self.lr), self.params,
                                        self.penalty, self.after_step)
-        self._fit(task, self.model, list(self.params.values()), optimizer)
+        self._fit(task, self.model, optimizer)
         self.model.eval()
         self.end_task(task)
 
@@ -133,8 +134,7 @@ class OnlineEWCMethod(PenalisedFineTuning):
         return self.ewc.penalty(params)
 
     def end_task(self, task: int) -> None:  # noqa: D102
-        seed = task_seed(task, self.seed) + 1
-        x, _ = next(self.stream.train_batches(task, self.fisher_samples, 1, seed))
+        x, _ = next(self.stream.train_batches(task, self.fisher_samples, 1, derive_seed(self.seed, task, "penalty")))
         self.ewc.consolidate(self.params, fisher_diagonal(self.model, x))
 
     def storage_bytes(self) -> int:
@@ -182,14 +182,14 @@ class BatchE(_Trained):
 
     def learn(self, task: int) -> None:  # noqa: D102
         task = self.stream.check_task(task)
-        factors = rank_one_factors(self.model, torch.Generator().manual_seed(task_seed(task, self.seed)))
+        factors = rank_one_factors(self.model, torch.Generator().manual_seed(derive_seed(self.seed, task, "factors")))
         trained = [v for pair in factors.values() for v in pair]
         first = not self.factors
         self.model.requires_grad_(first)
         if first:
             trained += list(maskable_parameters(self.model).values())
         optimizer = torch.optim.Adam(trained, lr=self.first_lr if first else self.lr)
-        self._fit(task, lambda x: batche_forward(self.model, factors, x), trained, optimizer)
+        self._fit(task, lambda x: batche_forward(self.model, factors, x), optimizer)
         self.model.requires_grad_(False)
         self.factors[task] = {n: (s.detach(), t.detach()) for n, (s, t) in factors.items()}
 
@@ -217,13 +217,12 @@ class PSP(_Trained):
 
     def contexts(self, task: int) -> Params:
         """Task ``task``'s contexts, regenerated from its seed."""
-        return psp_contexts(self.model, torch.Generator().manual_seed(task_seed(task, self.seed)))
+        return psp_contexts(self.model, torch.Generator().manual_seed(derive_seed(self.seed, task, "contexts")))
 
     def learn(self, task: int) -> None:  # noqa: D102
         task = self.stream.check_task(task)
         contexts, weights = self.contexts(task), list(maskable_parameters(self.model).values())
-        self._fit(task, lambda x: psp_forward(self.model, contexts, x), weights,
-                  torch.optim.RMSprop(weights, lr=self.lr))
+        self._fit(task, lambda x: psp_forward(self.model, contexts, x), torch.optim.RMSprop(weights, lr=self.lr))
         self.learned.append(task)
 
     def predict(self, x: torch.Tensor, task: int | None) -> torch.Tensor:  # noqa: D102
@@ -272,7 +271,7 @@ class SeparateHeads(_Trained):
             p.requires_grad_(train_trunk)
         trained = [head] + (trunk if train_trunk else [])
         optimizer = torch.optim.Adam(trained, lr=self.trunk_lr if train_trunk else self.head_lr)
-        self._fit(task, self._forward(head), trained, optimizer)
+        self._fit(task, self._forward(head), optimizer)
         self.model.requires_grad_(False)
         self.heads[task] = head.detach()
 

@@ -6,7 +6,7 @@ import math
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Mapping
 
 import torch
 from torch import nn
@@ -72,19 +72,39 @@ def supermask_weight(weight: torch.Tensor, scores: torch.Tensor) -> torch.Tensor
     return _MaskedWeight.apply(weight, scores)
 
 
-def topk_supermask(scores: torch.Tensor, keep_frac: float) -> torch.Tensor:
-    """Edge-popup mask: keep the top ``keep_frac`` of |s| (the authors' ``GetSubnet`` on ``scores.abs()``).
-
-    The ⌊(1 − keep_frac)·n⌋ smallest |s| are dropped, the rest kept. keep_frac ∈ (0, 1]. The straight-through
-    gradient passes through |·| as in the authors' code: ∂L/∂s = sign(s) · ∂L/∂M.
-    """
+def _topk_keep(magnitude: torch.Tensor, keep_frac: float) -> torch.Tensor:
+    """Float {0, 1} mask keeping all but the ⌊(1 − keep_frac)·n⌋ smallest entries of ``magnitude`` (no grad)."""
     if not 0.0 < keep_frac <= 1.0:
         raise ValueError(f"keep_frac is the fraction of weights kept and must lie in (0, 1], got {keep_frac}")
-    flat = scores.detach().abs().flatten()
+    flat = magnitude.detach().flatten()
     dropped = int((1.0 - keep_frac) * flat.numel())
     mask = torch.ones_like(flat)
     mask[flat.argsort()[:dropped]] = 0.0
-    return _StraightThrough.apply(scores.abs(), mask.view_as(scores))
+    return mask.view_as(magnitude)
+
+
+def topk_supermask(scores: torch.Tensor, keep_frac: float) -> torch.Tensor:
+    """Edge-popup mask: keep the top ``keep_frac`` of |s| (the authors' ``GetSubnet`` on ``scores.abs()``).
+
+    The ⌊(1 − keep_frac)·n⌋ smallest |s| are dropped, the rest kept. keep_frac ∈ (0, 1]. |s| is taken once;
+    the straight-through gradient passes through it as in the authors' code: ∂L/∂s = sign(s) · ∂L/∂M.
+    scores: any shape → float mask of the same shape.
+    """
+    magnitude = scores.abs()
+    return _StraightThrough.apply(magnitude, _topk_keep(magnitude, keep_frac))
+
+
+def final_masks(scores: Masks, *, keep_frac: float | Mapping[str, float] | None = None) -> Masks:
+    """The binary masks a training run keeps (the one place they are made): name → bool tensor shaped like s.
+
+    M = 1[s ≥ 0] (``keep_frac=None``) or the top ``keep_frac`` of |s| over each tensor (as ``topk_supermask``);
+    ``keep_frac`` may map each name to its own fraction (per-layer densities).
+    """
+    with torch.no_grad():
+        if keep_frac is None:
+            return {name: s.detach() >= 0 for name, s in scores.items()}
+        fracs = keep_frac if isinstance(keep_frac, Mapping) else dict.fromkeys(scores, keep_frac)
+        return {name: _topk_keep(s.abs(), fracs[name]) > 0 for name, s in scores.items()}
 
 
 def apply_masks(model: nn.Module, masks: Masks) -> Masks:

@@ -10,7 +10,7 @@ from typing import Callable
 
 import torch
 from torch import nn
-from torch.func import functional_call
+from torch.func import functional_call, vmap
 
 from ..config import resolve_device
 
@@ -57,6 +57,11 @@ def maskable_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
             for name, module in model.named_modules() if isinstance(module, MASKABLE_LAYERS)}
 
 
+def output_size(model: nn.Module) -> int:
+    """Outputs of the last maskable layer (the head of every network in this package)."""
+    return list(maskable_parameters(model).values())[-1].shape[0]
+
+
 def fan_in(weight: torch.Tensor) -> int:
     """Inputs feeding one output unit: in_features, or in_channels · k_h · k_w for a conv."""
     return math.prod(weight.shape[1:])
@@ -91,6 +96,19 @@ def frozen_random_model(arch: str, num_outputs: int = 10, seed: int = 0,
 def masked_forward(model: nn.Module, weights: dict[str, torch.Tensor] | None, x: torch.Tensor) -> torch.Tensor:
     """Forward ``x`` through ``model`` with some parameters replaced by ``weights`` (e.g. W ⊙ M).
 
-    x: (B, ...) → logits (B, s). ``weights=None`` uses the model's own parameters.
+    x: (B, ...) → logits (B, s). ``weights=None`` uses the model's own parameters. Anything a module holds
+    (BatchNorm buffers too) can be swapped in by name.
     """
     return model(x) if not weights else functional_call(model, weights, (x,))
+
+
+def batched_masked_forward(model: nn.Module, weights: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+    """K masked forwards in one: logits[k] = ``masked_forward(model, {n: w[k]}, x[k])``.
+
+    weights: name → (K, *shape); x: (K, B, ...) → logits (K, B, s). ``torch.func.vmap`` over
+    ``functional_call`` turns a linear layer into one ``bmm`` over the (K, out, in) stack and a conv into a
+    grouped convolution. K = 1 skips ``vmap`` (same values, less per-call overhead).
+    """
+    if x.shape[0] == 1:
+        return masked_forward(model, {name: w[0] for name, w in weights.items()}, x[0]).unsqueeze(0)
+    return vmap(lambda w, xb: functional_call(model, w, (xb,)))(weights, x)

@@ -1,106 +1,438 @@
-"""Training a supermask on a frozen base network (and, for comparison, training the weights), and evaluation."""
+"""Training: one loop for every trainer (supermasks of one task or K at once, dense weights), and evaluation.
+
+Every trainer takes any iterable of batches (x (B, ...), y (B,)) — ``TaskStream.train_batches`` is one —
+counts batches, takes its settings as keyword-only arguments, and returns a :class:`TrainResult`. The loop,
+:func:`run_steps`, walks K iterables in lockstep and hands one stacked batch (K, B, ...) per step to a *step*;
+a step computes the loss, its gradient and the update.
+
+Supermask training (paper §3; the authors' ``main.py`` with ``--er-sparse-init`` off): task k's scores
+s_k ~ U(±1/√fan_in), forward with W ⊙ M_k, M_k = 1[s_k ≥ 0] (GNu) or the top-``keep_frac`` of |s_k| (GG,
+edge-popup), straight-through gradient ∂L/∂s_k = ∂L/∂(W ⊙ M_k) ⊙ W (times sign(s_k) for top-k), and
+RMSprop(lr) on the scores. K tasks share the frozen W; the loss is Σ_k CE_k, so every task gets exactly its
+own gradient, and RMSprop is elementwise, so K tasks at once take exactly the steps of K separate runs.
+
+Two steps compute this recipe, with the same masks bit for bit (tested against a plain autograd +
+``torch.optim.RMSprop`` loop):
+
+* ``_MLPMaskStep`` for the package's MLPs (Flatten, bias-free Linear and ReLU layers): a hand-written forward
+  and backward (no input gradient for the first layer), RMSprop written out in place with the operations
+  ``torch.optim.RMSprop`` uses, and every buffer allocated once, flat across layers so each elementwise
+  operation is one call. Tasks run in chunks (``chunk``, default: one task at a time on CPU, where the
+  state of one task stays in cache, and all K at once on a GPU, where one ``bmm`` over K replaces K launches).
+* ``_AutogradMaskStep`` for any other network: ``batched_masked_forward`` with autograd and
+  ``torch.optim.RMSprop`` over the stacked scores.
+"""
 from __future__ import annotations
 
+import operator
+import time
 from dataclasses import dataclass, field
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Iterator, Protocol, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..config import derive_seed
 from ..data.mnist import Batch, TaskStream
-from .masks import Masks, init_scores, supermask_weight, topk_supermask
-from .models import maskable_parameters, masked_forward
+from .masks import MaskBank, Masks, _topk_keep, final_masks, init_scores, supermask_weight, topk_supermask
+from .models import batched_masked_forward, maskable_parameters, masked_forward, output_size
 
 Forward = Callable[[torch.Tensor], torch.Tensor]
+RMSPROP_ALPHA, RMSPROP_EPS = 0.99, 1e-8  # torch.optim.RMSprop's defaults, as the authors use it
 
 
 @dataclass
 class TrainHistory:
-    """Per-batch training loss and training-batch accuracy."""
+    """Per-batch training loss and training-batch accuracy of one task."""
 
     loss: list[float] = field(default_factory=list)
     accuracy: list[float] = field(default_factory=list)
 
 
-def fit(forward: Forward, parameters: Iterable[torch.Tensor], optimizer: torch.optim.Optimizer,
-        batches: Iterable[Batch], num_batches: int | None = None, progress: bool = True,
-        description: str = "training") -> TrainHistory:
-    """Minimise the cross-entropy of ``forward(x)`` against ``y`` over ``batches``, one step per batch.
+@dataclass
+class TrainResult:
+    """What a trainer returns: one dict of bool masks per task (empty for dense training), one history per
+    task, and the wall-clock seconds of the training (the GPU synchronised)."""
 
-    forward: (B, ...) → logits (B, s). Only ``optimizer``'s parameters change. Returns the loss/accuracy per batch.
+    masks: list[Masks]
+    history: list[TrainHistory]
+    seconds: float
+
+
+class Step(Protocol):
+    """One training step on K tasks: x (K, B, ...), y (K, B), valid (K, B) float or None (all real)
+    → (per-task loss (K,), per-task correct predictions (K,)), both detached."""
+
+    def __call__(self, x: torch.Tensor, y: torch.Tensor,
+                 valid: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+
+# --- the loop -----------------------------------------------------------------------------------------------
+def _lockstep(iterators: list[Iterator[Batch]]) -> Iterator[list[Batch | None]]:
+    """One batch from every iterator per step (None for an ended one) until all have ended."""
+    while True:
+        step = [next(it, None) for it in iterators]
+        if all(b is None for b in step):
+            return
+        yield step
+
+
+def _stack_batches(batches: list[Batch | None]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """One batch per task as (K, B, ...) inputs, (K, B) labels, and a (K, B) float ``valid`` mask.
+
+    Ended streams (None) and shorter batches are zero-padded and ``valid`` marks the real examples; it is None
+    when every batch is full (the common case). K = 1 adds a view, no copy.
     """
+    sizes = [0 if b is None else b[1].shape[0] for b in batches]
+    size = max(sizes)
+    if all(s == size for s in sizes):
+        if len(batches) == 1:
+            return batches[0][0].unsqueeze(0), batches[0][1].unsqueeze(0), None
+        return torch.stack([b[0] for b in batches]), torch.stack([b[1] for b in batches]), None
+    x_like, y_like = next(b for b in batches if b is not None)
+    x = x_like.new_zeros((len(batches), size, *x_like.shape[1:]))
+    y = y_like.new_zeros((len(batches), size))
+    valid = torch.zeros(len(batches), size, device=x.device)
+    for k, batch in enumerate(batches):
+        if batch is not None:
+            x[k, :sizes[k]], y[k, :sizes[k]] = batch
+            valid[k, :sizes[k]] = 1.0
+    return x, y, valid
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def run_steps(step: Step, batches_per_task: Sequence[Iterable[Batch]], *, progress: bool = True,
+              description: str = "training", after_step: Callable[[int], None] | None = None) -> list[TrainHistory]:
+    """THE training loop: one ``step`` per batch index over K iterables in lockstep; one history per iterable.
+
+    A stream that ends early is padded (its ``valid`` rows are 0) and its history stops there.
+    ``after_step(i)`` runs after step i (0-based), e.g. to advance a learning-rate schedule.
+    """
+    iterators = [iter(b) for b in batches_per_task]
+    hints = [operator.length_hint(b, -1) for b in batches_per_task]
+    total = max(hints) if min(hints) > 0 else None
     losses, correct, sizes = [], [], []
-    for x, y in tqdm(batches, total=num_batches, disable=not progress, desc=description, leave=False):
-        logits = forward(x)
-        loss = F.cross_entropy(logits, y)
+    for i, batches in enumerate(tqdm(_lockstep(iterators), total=total, disable=not progress, desc=description,
+                                     leave=False)):
+        x, y, valid = _stack_batches(batches)
+        loss, right = step(x, y, valid)
+        losses.append(loss)
+        correct.append(right)
+        sizes.append([0 if b is None else b[1].shape[0] for b in batches])
+        if after_step is not None:
+            after_step(i)
+    if not losses:
+        return [TrainHistory() for _ in batches_per_task]
+    loss_t, correct_t = torch.stack(losses).cpu(), torch.stack(correct).cpu().float()
+    sizes_t = torch.tensor(sizes, dtype=torch.float32)
+    histories = []
+    for k in range(len(batches_per_task)):
+        real = sizes_t[:, k] > 0
+        histories.append(TrainHistory(loss_t[real, k].tolist(), (correct_t[real, k] / sizes_t[real, k]).tolist()))
+    return histories
+
+
+def task_losses(logits: torch.Tensor, y: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
+    """CE_k, the mean cross-entropy of task k over its real examples (0 for a task without any).
+
+    logits: (K, B, s), y: (K, B), valid: (K, B) or None (all real) → (K,). Σ_k CE_k is the loss of K tasks.
+    """
+    k, b = y.shape
+    ce = F.cross_entropy(logits.reshape(k * b, -1), y.reshape(-1), reduction="none").view(k, b)
+    if valid is None:
+        return ce.mean(1)
+    return (ce * valid).sum(1) / valid.sum(1).clamp(min=1.0)
+
+
+def _correct(logits: torch.Tensor, y: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
+    right = (logits.argmax(-1) == y).float()
+    return (right if valid is None else right * valid).sum(-1)
+
+
+def fit(forward: Forward, optimizer: torch.optim.Optimizer, batches: Iterable[Batch], *, progress: bool = True,
+        description: str = "training", after_step: Callable[[int], None] | None = None) -> TrainHistory:
+    """Minimise the cross-entropy of ``forward(x)`` (B, ...) → logits (B, s) against y (B,) over ``batches``,
+    one ``optimizer`` step per batch, through :func:`run_steps`. Only the optimizer's parameters change."""
+
+    def step(x: torch.Tensor, y: torch.Tensor, valid: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = forward(x[0])
+        loss = F.cross_entropy(logits, y[0])
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        losses.append(loss.detach())
-        correct.append((logits.detach().argmax(1) == y).sum())
-        sizes.append(y.shape[0])
-    if not losses:
-        return TrainHistory()
-    sizes_t = torch.tensor(sizes, dtype=torch.float32)
-    return TrainHistory(torch.stack(losses).tolist(), (torch.stack(correct).cpu() / sizes_t).tolist())
+        return loss.detach().view(1), _correct(logits.detach(), y[0], None).view(1)
+
+    return run_steps(step, [batches], progress=progress, description=description, after_step=after_step)[0]
 
 
-def supermask_forward(model: nn.Module, scores: Masks, keep_frac: float | None = None) -> Forward:
-    """x (B, ...) → logits (B, s) of the frozen ``model`` under W ⊙ M(scores), straight-through into the scores.
+# --- masked weights -----------------------------------------------------------------------------------------
+def stacked_scores(model: nn.Module, seeds: Sequence[int]) -> Masks:
+    """Scores of K tasks stacked on a new first axis: name → leaf (K, *W.shape), requires_grad.
 
-    M = 1[s ≥ 0] (``keep_frac=None``, fused kernel) or the top ``keep_frac`` of |s|.
+    Row k is bit for bit ``init_scores(model, torch.Generator().manual_seed(seeds[k]))``.
+    """
+    per_task = [init_scores(model, torch.Generator().manual_seed(int(seed))) for seed in seeds]
+    return {name: torch.stack([scores[name].detach() for scores in per_task]).requires_grad_(True)
+            for name in per_task[0]}
+
+
+def masked_weights(model: nn.Module, scores: Masks, *, keep_frac: float | None = None) -> dict[str, torch.Tensor]:
+    """W ⊙ M(s) with the straight-through gradient into the scores, for one task or K stacked tasks.
+
+    scores: name → s shaped like W (one task) or (K, *W.shape) (K tasks) → the same shapes.
+    ``keep_frac=None``: M = 1[s ≥ 0] (fused kernel ``supermask_weight``, W broadcast over K); a float: M = the
+    top ``keep_frac`` of |s| of each task.
     """
     params = maskable_parameters(model)
-
-    def masked_weight(name: str) -> torch.Tensor:
-        if keep_frac is None:
-            return supermask_weight(params[name], scores[name])
-        return params[name] * topk_supermask(scores[name], keep_frac)
-
-    def forward(x: torch.Tensor) -> torch.Tensor:
-        return masked_forward(model, {name: masked_weight(name) for name in scores}, x)
-
-    return forward
+    if keep_frac is None:
+        return {name: supermask_weight(params[name], s) for name, s in scores.items()}
+    out = {}
+    for name, s in scores.items():
+        mask = (topk_supermask(s, keep_frac) if s.dim() == params[name].dim()
+                else torch.stack([topk_supermask(s_k, keep_frac) for s_k in s]))
+        out[name] = params[name] * mask
+    return out
 
 
-def train_supermask(model: nn.Module, stream: TaskStream, task: int, num_batches: int | None = 1000,
-                    batch_size: int = 128, lr: float = 1e-4, seed: int = 0, keep_frac: float | None = None,
-                    progress: bool = True) -> tuple[Masks, TrainHistory]:
-    """Learn task ``task``'s supermask on the frozen ``model`` (the paper's GNu recipe by default).
+# --- the two mask-training steps ----------------------------------------------------------------------------
+def mlp_weights(model: nn.Module) -> list[torch.Tensor] | None:
+    """The weights of ``model`` if it is an MLP the fast step handles — ``nn.Sequential`` of an optional leading
+    Flatten, then bias-free Linear layers with a ReLU between consecutive ones — else None."""
+    if not isinstance(model, nn.Sequential):
+        return None
+    layers = list(model)
+    if layers and isinstance(layers[0], nn.Flatten):
+        layers = layers[1:]
+    if not layers or len(layers) % 2 == 0:
+        return None
+    for i, layer in enumerate(layers):
+        expected = nn.Linear if i % 2 == 0 else nn.ReLU
+        if type(layer) is not expected or (expected is nn.Linear and layer.bias is not None):
+            return None
+    return [layer.weight for layer in layers[::2]]
 
-    Scores s ~ U(±1/√fan_in) (seeded by ``seed``). The forward uses W ⊙ M with M = 1[s ≥ 0]
-    (``keep_frac=None``, GNu) or M = top-``keep_frac`` of |s| (GG, edge-popup), and a straight-through
-    gradient. RMSprop(lr) updates this task's scores only, for ``num_batches`` batches of ``batch_size``
-    (None: one epoch). Returns the binary masks (bool, shaped like W) and the training history.
+
+class _AutogradMaskStep:
+    """Mask training on any network: autograd through ``batched_masked_forward`` and ``torch.optim.RMSprop``."""
+
+    def __init__(self, model: nn.Module, seeds: Sequence[int], *, lr: float, keep_frac: float | None) -> None:
+        self.model, self.keep_frac = model, keep_frac
+        self.scores = stacked_scores(model, seeds)
+        self.optimizer = torch.optim.RMSprop(self.scores.values(), lr=lr, alpha=RMSPROP_ALPHA, eps=RMSPROP_EPS)
+
+    def __call__(self, x: torch.Tensor, y: torch.Tensor,
+                 valid: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = batched_masked_forward(self.model, masked_weights(self.model, self.scores,
+                                                                   keep_frac=self.keep_frac), x)
+        losses = task_losses(logits, y, valid)
+        self.optimizer.zero_grad(set_to_none=True)
+        losses.sum().backward()
+        self.optimizer.step()
+        return losses.detach(), _correct(logits.detach(), y, valid)
+
+    def task_scores(self, k: int) -> Masks:
+        return {name: s[k] for name, s in self.scores.items()}
+
+
+class _MLPMaskStep:
+    """Mask training on an MLP (``mlp_weights``): hand-written forward, backward and RMSprop, no allocations.
+
+    Per layer l (W_l (o, i), E_l = W_l ⊙ M_l, h_0 = x, h_l = relu(h_{l−1} E_lᵀ), logits = h_{L−1} E_Lᵀ):
+    backward dz_L = ∂ΣCE/∂logits (autograd on the logits only), ∂L/∂E_l = dz_lᵀ h_{l−1}, dz_{l−1} =
+    relu'(h_{l−1}) ⊙ (dz_l E_l), no dz_0; g = ∂L/∂E ⊙ W (⊙ sign(s) for top-k); RMSprop: v ← αv + (1−α)g²,
+    s ← s − lr·g / (√v + ε); then E ← W ⊙ M(s). The matmuls have the shapes and layouts autograd uses and the
+    update the operations of ``torch.optim.RMSprop`` (single-tensor path), so the scores match bit for bit.
+    All per-task state (s, v, E, ∂L/∂E and a copy of W) lives in flat buffers (layer-major, (K, o, i) views).
     """
+
+    def __init__(self, model: nn.Module, weights: list[torch.Tensor], seeds: Sequence[int], *, lr: float,
+                 keep_frac: float | None) -> None:
+        self.names = list(maskable_parameters(model))
+        self.lr, self.keep_frac, self.k = lr, keep_frac, len(seeds)
+        scores = stacked_scores(model, seeds)
+        numels = [self.k * w.numel() for w in weights]
+        first = weights[0]
+        flat = lambda: torch.empty(sum(numels), dtype=first.dtype, device=first.device)  # noqa: E731
+        self.s_flat, self.v_flat, self.e_flat, self.g_flat, self.d_flat, self.w_flat = (flat() for _ in range(6))
+        self.v_flat.zero_()
+        self.m_flat = flat()  # the float mask: W ⊙ bool would convert the bool to float on every step
+        views = lambda buf: [chunk.view(self.k, *w.shape) for chunk, w in zip(buf.split(numels), weights)]  # noqa: E731
+        self.s, self.e, self.g, self.w = views(self.s_flat), views(self.e_flat), views(self.g_flat), views(self.w_flat)
+        with torch.no_grad():
+            for l, (name, w) in enumerate(zip(self.names, weights)):
+                self.s[l].copy_(scores[name])
+                self.w[l].copy_(w.expand_as(self.w[l]))
+        self.weights = weights
+        self._refresh_masked_weights()
+
+    def _refresh_masked_weights(self) -> None:
+        """E = W ⊙ M(s) for every task and layer."""
+        if self.keep_frac is None:
+            torch.ge(self.s_flat, 0, out=self.m_flat)
+            torch.mul(self.w_flat, self.m_flat, out=self.e_flat)
+            return
+        for s, e, w in zip(self.s, self.e, self.weights):
+            for k in range(self.k):
+                torch.mul(w, _topk_keep(s[k].abs(), self.keep_frac), out=e[k])
+
+    @torch.no_grad()
+    def __call__(self, x: torch.Tensor, y: torch.Tensor,
+                 valid: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        single = self.k == 1
+        h = x.reshape(self.k, x.shape[1], -1)
+        hidden = [h]  # h_0 .. h_{L-1}
+        for l, e in enumerate(self.e):
+            z = torch.mm(h[0], e[0].t()).unsqueeze(0) if single else torch.bmm(h, e.transpose(1, 2))
+            h = z if l == len(self.e) - 1 else z.relu_()
+            if l < len(self.e) - 1:
+                hidden.append(h)
+        with torch.enable_grad():
+            logits = h.requires_grad_(True)
+            losses = task_losses(logits, y, valid)
+            (dz,) = torch.autograd.grad(losses.sum(), logits)
+        for l in range(len(self.e) - 1, -1, -1):
+            if single:
+                torch.mm(dz[0].t(), hidden[l][0], out=self.g[l][0])
+            else:
+                torch.bmm(dz.transpose(1, 2), hidden[l], out=self.g[l])
+            if l > 0:
+                dh = torch.mm(dz[0], self.e[l][0]).unsqueeze(0) if single else torch.bmm(dz, self.e[l])
+                dz = torch.ops.aten.threshold_backward(dh, hidden[l], 0)
+        g, v, d = self.g_flat, self.v_flat, self.d_flat
+        g.mul_(self.w_flat)
+        if self.keep_frac is not None:
+            g.mul_(torch.sgn(self.s_flat, out=d))
+        v.mul_(RMSPROP_ALPHA).addcmul_(g, g, value=1 - RMSPROP_ALPHA)
+        torch.sqrt(v, out=d).add_(RMSPROP_EPS)
+        self.s_flat.addcdiv_(g, d, value=-self.lr)
+        self._refresh_masked_weights()
+        return losses.detach(), _correct(logits.detach(), y, valid)
+
+    def task_scores(self, k: int) -> Masks:
+        return {name: s[k] for name, s in zip(self.names, self.s)}
+
+
+# --- trainers -----------------------------------------------------------------------------------------------
+def _check_frozen(model: nn.Module) -> dict[str, nn.Parameter]:
     params = maskable_parameters(model)
+    if not params:
+        raise ValueError("the model has no maskable (Linear/Conv2d) weights")
     if any(p.requires_grad for p in params.values()):
         raise ValueError("the base network must be frozen (requires_grad=False); call signed_constant_ first")
-    scores = init_scores(model, torch.Generator().manual_seed(seed))
-    optimizer = torch.optim.RMSprop(scores.values(), lr=lr)
-    forward = supermask_forward(model, scores, keep_frac)
-    batches = stream.train_batches(task, batch_size, num_batches, seed)
-    total = num_batches if num_batches is not None else -(-stream.num_train(task) // batch_size)
-    history = fit(forward, scores.values(), optimizer, batches, total, progress, f"mask of task {task}")
-    with torch.no_grad():
-        masks = {n: (s >= 0) if keep_frac is None else topk_supermask(s, keep_frac) > 0 for n, s in scores.items()}
-    return masks, history
+    return params
 
 
-def train_dense(model: nn.Module, stream: TaskStream, task: int, num_batches: int | None = 1000,
-                batch_size: int = 128, lr: float = 1e-4, seed: int = 0, progress: bool = True) -> TrainHistory:
-    """Ordinary training of all of ``model``'s weights on task ``task`` with RMSprop(lr), in place."""
+def train_supermasks(model: nn.Module, batches_per_task: Sequence[Iterable[Batch]], *, seeds: Sequence[int],
+                     lr: float = 1e-4, keep_frac: float | None = None, chunk: int | None = None,
+                     progress: bool = True) -> TrainResult:
+    """Learn the supermasks of K tasks at once on the frozen ``model``; task k sees ``batches_per_task[k]``.
+
+    Task k's scores start from ``init_scores`` seeded with ``seeds[k]``. Each task's masks equal a
+    :func:`train_supermask` run on its own batches and seed, bit for bit. ``chunk`` tasks step together (one
+    batched matmul); the chunks run one after another. Default: 1 on CPU (one task's state stays in cache),
+    all K on a GPU. Iterables of unequal length are padded: an ended task's scores stay put.
+    Memory: about 6 float tensors of (chunk, *W.shape) per layer.
+
+    Returns one dict of bool masks (shaped like W) and one history per task, in order, and the seconds.
+    """
+    params = _check_frozen(model)
+    seeds = [int(s) for s in seeds]
+    if len(batches_per_task) == 0:
+        raise ValueError("batches_per_task is empty: give at least one task's batches")
+    if len(seeds) != len(batches_per_task):
+        raise ValueError(f"need one seed per task: {len(batches_per_task)} tasks, {len(seeds)} seeds")
+    if not lr > 0:
+        raise ValueError(f"lr must be > 0, got {lr}")
+    if keep_frac is not None and not 0.0 < keep_frac <= 1.0:
+        raise ValueError(f"keep_frac is the fraction of weights kept and must lie in (0, 1], got {keep_frac}")
+    device = next(iter(params.values())).device
+    if chunk is None:
+        chunk = len(seeds) if device.type == "cuda" else 1
+    if chunk < 1:
+        raise ValueError(f"chunk (tasks stepped together) must be ≥ 1 or None, got {chunk}")
+    weights = mlp_weights(model)
+    masks, histories = [], []
+    _sync(device)
+    start = time.perf_counter()
+    for first in range(0, len(seeds), chunk):
+        part = slice(first, first + chunk)
+        step = (_MLPMaskStep(model, weights, seeds[part], lr=lr, keep_frac=keep_frac) if weights is not None
+                else _AutogradMaskStep(model, seeds[part], lr=lr, keep_frac=keep_frac))
+        count = len(seeds[part])
+        description = f"{count} mask{'s' if count > 1 else ''}" + (f" from task {first}" if len(seeds) > 1 else "")
+        histories += run_steps(step, batches_per_task[part], progress=progress, description=description)
+        masks += [final_masks(step.task_scores(k), keep_frac=keep_frac) for k in range(count)]
+    _sync(device)
+    return TrainResult(masks, histories, time.perf_counter() - start)
+
+
+def train_supermask(model: nn.Module, batches: Iterable[Batch], *, seed: int, lr: float = 1e-4,
+                    keep_frac: float | None = None, progress: bool = True) -> TrainResult:
+    """Learn one task's supermask on the frozen ``model`` from ``batches`` (the paper's GNu recipe by default:
+    M = 1[s ≥ 0], RMSprop 1e-4; e.g. ``stream.train_batches(task, 128, 1000, seed)``). Scores are seeded with
+    ``seed``; ``keep_frac`` switches to the top-k rule. ``result.masks[0]``: bool masks shaped like W."""
+    return train_supermasks(model, [batches], seeds=[seed], lr=lr, keep_frac=keep_frac, progress=progress)
+
+
+def train_bank(model: nn.Module, stream: TaskStream, *, num_tasks: int, bank: MaskBank | None = None, k: int = 10,
+               num_batches: int | None = 1000, batch_size: int = 128, lr: float = 1e-4,
+               keep_frac: float | None = None, seed: int = 0, progress: bool = True) -> MaskBank:
+    """Fill a ``MaskBank`` with the masks of tasks 0..num_tasks−1, ``k`` tasks per :func:`train_supermasks` call.
+
+    Task t's scores are seeded with ``derive_seed(seed, t, "scores")`` and its batches (``num_batches`` of
+    ``batch_size``; None: one epoch) with ``derive_seed(seed, t, "batches")``, so the bank does not depend on
+    ``k``. A new bank is made for ``model`` and ``stream`` (both fingerprinted in it) unless ``bank`` is given: then
+    it must fit both, and it is filled from task ``len(bank)`` on, which resumes an interrupted run. Returns it.
+    """
+    if k < 1:
+        raise ValueError(f"k (tasks trained at once) must be ≥ 1, got {k}")
+    if not 1 <= num_tasks <= stream.num_tasks:
+        raise ValueError(f"num_tasks must lie in 1..{stream.num_tasks} (the stream's tasks), got {num_tasks}")
+    if num_batches is not None and num_batches < 1:
+        raise ValueError(f"num_batches must be ≥ 1 or None (one epoch), got {num_batches}")
+    if bank is None:
+        bank = MaskBank.for_model(model, stream=stream)
+    else:
+        bank.check_compatible(model)
+        bank.check_stream(stream)
+    todo = list(range(len(bank), num_tasks))
+    with tqdm(total=len(todo), disable=not progress, desc="mask bank", unit="task") as bar:
+        for first in range(0, len(todo), k):
+            tasks = todo[first:first + k]
+            batches = [stream.train_batches(t, batch_size, num_batches, derive_seed(seed, t, "batches"))
+                       for t in tasks]
+            result = train_supermasks(model, batches, seeds=[derive_seed(seed, t, "scores") for t in tasks], lr=lr,
+                                      keep_frac=keep_frac, progress=progress)
+            for task_masks in result.masks:
+                bank.append(task_masks)
+            bar.update(len(tasks))
+    return bank
+
+
+def train_dense(model: nn.Module, batches: Iterable[Batch], *, lr: float = 1e-4, progress: bool = True,
+                description: str = "dense training") -> TrainResult:
+    """Ordinary training of all of ``model``'s weights with RMSprop(lr), in place, one step per batch.
+    Returns a result without masks (the history of the one task, the seconds)."""
     model.requires_grad_(True).train()
     optimizer = torch.optim.RMSprop(model.parameters(), lr=lr)
-    batches = stream.train_batches(task, batch_size, num_batches, seed)
-    total = num_batches if num_batches is not None else -(-stream.num_train(task) // batch_size)
-    history = fit(model, model.parameters(), optimizer, batches, total, progress, f"dense, task {task}")
-    model.eval()
-    return history
+    device = next(model.parameters()).device
+    _sync(device)
+    start = time.perf_counter()
+    try:
+        history = fit(model, optimizer, batches, progress=progress, description=description)
+    finally:
+        model.eval()
+    _sync(device)
+    return TrainResult([], [history], time.perf_counter() - start)
 
 
+# --- evaluation ---------------------------------------------------------------------------------------------
 @torch.no_grad()
 def predict(model: nn.Module, weights: dict[str, torch.Tensor] | None, x: torch.Tensor,
             batch_size: int = 2048) -> torch.Tensor:

@@ -33,10 +33,11 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..config import derive_seed
 from ..core.inference import alpha_gradient
 from ..core.masks import MaskBank, Masks, init_scores
-from ..core.models import maskable_parameters
-from ..core.training import fit, supermask_forward
+from ..core.models import maskable_parameters, masked_forward
+from ..core.training import fit, masked_weights
 from ..data.mnist import Batch, TaskStream
 from .protocols import (ProtocolResult, correct_per_batch, gnu_score, infer_tasks, padded, predict_batches,
                         shuffled_test_set)
@@ -87,8 +88,9 @@ class NNsLearner:
 
     State: the real-valued scores of every allocated mask and each mask's RMSprop state (as in the authors'
     code: O(n·P) floats for n masks of P weights), so a mask chosen again resumes where it stopped.
-    Mask t's scores start from ``init_scores`` with seed ``seed + t``; with one mask per task, a stream whose
-    i-th task draws its batches with seed ``seed + i`` therefore reproduces ``train_supermask`` bit for bit.
+    Mask t's scores start from ``init_scores`` with seed ``derive_seed(seed, t, "scores")``; with one mask per
+    task, a stream whose i-th task draws its batches with ``derive_seed(seed, i, "batches")`` (as
+    :func:`task_sequence_batches` does) therefore reproduces ``train_supermask`` bit for bit.
     """
 
     def __init__(self, model: nn.Module, arch: str, base_seed: int, num_outputs: int, budget: int,
@@ -124,8 +126,8 @@ class NNsLearner:
 
     # --- masks -----------------------------------------------------------------------------------
     def initial_scores(self, slot: int) -> Masks:
-        """The scores mask ``slot`` starts from: ``init_scores`` seeded with ``seed + slot``."""
-        return init_scores(self.model, torch.Generator().manual_seed(self.seed + slot))
+        """The scores mask ``slot`` starts from: ``init_scores`` seeded with ``derive_seed(seed, slot, "scores")``."""
+        return init_scores(self.model, torch.Generator().manual_seed(derive_seed(self.seed, slot, "scores")))
 
     def bank(self, references: int = 0) -> MaskBank:
         """The current binary masks 1[s ≥ 0] of all masks in allocation order (the live one included),
@@ -174,8 +176,9 @@ class NNsLearner:
         """Train the live mask on ``batches`` (or skip them when none is live); returns how many there were."""
         if self.live is None:
             return sum(1 for _ in batches)
-        history = fit(supermask_forward(self.model, self.scores[self.live]), self.scores[self.live].values(), self.optimizers[self.live],
-                      batches, progress=False)
+        scores = self.scores[self.live]
+        history = fit(lambda x: masked_forward(self.model, masked_weights(self.model, scores), x),
+                      self.optimizers[self.live], batches, progress=False)
         return len(history.loss)
 
     def learn(self, labelled_batches: Iterable[LabelledBatch], total: int | None = None,
@@ -203,9 +206,9 @@ class NNsLearner:
 def task_sequence_batches(stream: TaskStream, tasks: Iterable[int], batches_per_task: int,
                           batch_size: int = 128, seed: int = 0) -> Iterator[LabelledBatch]:
     """The NNs training stream: the i-th entry of ``tasks`` contributes ``batches_per_task`` batches drawn with
-    seed ``seed + i`` (so a task seen twice gets fresh batches), each yielded as (task, x, y)."""
+    seed ``derive_seed(seed, i, "batches")`` (so a task seen twice gets fresh batches), each yielded as (task, x, y)."""
     for i, task in enumerate(tasks):
-        for x, y in stream.train_batches(task, batch_size, batches_per_task, seed + i):
+        for x, y in stream.train_batches(task, batch_size, batches_per_task, derive_seed(seed, i, "batches")):
             yield task, x, y
 
 

@@ -29,10 +29,10 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..core.masks import MaskBank, Masks, apply_masks
+from ..config import derive_seed
 from ..core.models import build_model
-from ..core.multitask import output_size, task_seed, train_masks_at_once
 from ..core.storage import SEED_BYTES, dense_bytes
-from ..core.training import predict, train_dense
+from ..core.training import predict, train_dense, train_supermasks
 from ..data.mnist import Batch, TaskStream
 
 
@@ -225,8 +225,9 @@ def dense_model(arch: str, num_outputs: int = 10, seed: int = 0, device: torch.d
 class SupSupGG(ContinualMethod):
     """SupSup in scenario GG: task t learns its own supermask on the frozen ``model``; predict uses mask t.
 
-    Masks never change once learned, so nothing is forgotten. Training follows ``train_supermask`` (seed
-    ``task_seed(t, seed)``). With ``k > 1``, ``learn(t)`` trains the masks of tasks t..t+k−1 at once and
+    Masks never change once learned, so nothing is forgotten. Training follows ``train_supermask``, task t's
+    scores and batches seeded with ``derive_seed(seed, t, "scores")`` and ``derive_seed(seed, t, "batches")``.
+    With ``k > 1``, ``learn(t)`` trains the masks of tasks t..t+k−1 at once and
     keeps the later ones until they are asked for: the same masks (each depends only on its own task's
     data), ``k`` times fewer passes, but future tasks' data is read early.
     """
@@ -240,8 +241,8 @@ class SupSupGG(ContinualMethod):
         if k < 1:
             raise ValueError(f"k (tasks trained at once) must be ≥ 1, got {k}")
         self.model, self.k, self.progress = model, k, progress
-        self.settings = dict(num_batches=num_batches, batch_size=batch_size, lr=lr, keep_frac=keep_frac)
-        self.seed = seed
+        self.settings = dict(lr=lr, keep_frac=keep_frac)
+        self.num_batches, self.batch_size, self.seed = num_batches, batch_size, seed
         self.bank = MaskBank.for_model(model, stream=stream)
         self.rows: dict[int, int] = {}  # task → row of the bank
         self._ahead: dict[int, Masks] = {}
@@ -253,9 +254,11 @@ class SupSupGG(ContinualMethod):
         if task not in self._ahead:
             chunk = [t for t in range(task, min(task + self.k, self.stream.num_tasks))
                      if t not in self.rows and t not in self._ahead]
-            masks = train_masks_at_once(self.model, self.stream, chunk, seeds=[task_seed(t, self.seed) for t in chunk],
-                                        progress=self.progress, **self.settings)
-            self._ahead.update(zip(chunk, masks))
+            batches = [self.stream.train_batches(t, self.batch_size, self.num_batches,
+                                                 derive_seed(self.seed, t, "batches")) for t in chunk]
+            result = train_supermasks(self.model, batches, seeds=[derive_seed(self.seed, t, "scores") for t in chunk],
+                                      progress=self.progress, **self.settings)
+            self._ahead.update(zip(chunk, result.masks))
         self.rows[task] = self.bank.append(self._ahead.pop(task))
 
     def masked_weights(self, task: int) -> dict[str, torch.Tensor]:
@@ -283,11 +286,13 @@ class FineTuning(ContinualMethod):
                  lr: float = 1e-4, seed: int = 0, progress: bool = False) -> None:
         super().__init__(stream)
         self.model = copy.deepcopy(model)
-        self.settings = dict(num_batches=num_batches, batch_size=batch_size, lr=lr, progress=progress)
+        self.num_batches, self.batch_size, self.lr, self.progress = num_batches, batch_size, lr, progress
         self.seed = seed
 
     def learn(self, task: int) -> None:  # noqa: D102
-        train_dense(self.model, self.stream, task, seed=task_seed(task, self.seed), **self.settings)
+        train_dense(self.model, self.stream.train_batches(task, self.batch_size, self.num_batches,
+                                                          derive_seed(self.seed, task, "batches")),
+                    lr=self.lr, progress=self.progress, description=f"{self.name}, task {task}")
 
     def predict(self, x: torch.Tensor, task: int | None) -> torch.Tensor:  # noqa: D102
         return predict(self.model, None, x)
@@ -308,7 +313,7 @@ class UpperBound(ContinualMethod):
                  lr: float = 1e-4, seed: int = 0, from_previous: bool = True, progress: bool = False) -> None:
         super().__init__(stream)
         self.initial = copy.deepcopy(model)
-        self.settings = dict(num_batches=num_batches, batch_size=batch_size, lr=lr, progress=progress)
+        self.num_batches, self.batch_size, self.lr, self.progress = num_batches, batch_size, lr, progress
         self.seed, self.from_previous = seed, from_previous
         self.models: dict[int, nn.Module] = {}
         self._last: nn.Module | None = None
@@ -316,7 +321,9 @@ class UpperBound(ContinualMethod):
     def learn(self, task: int) -> None:  # noqa: D102
         start = self._last if self.from_previous and self._last is not None else self.initial
         model = copy.deepcopy(start)
-        train_dense(model, self.stream, task, seed=task_seed(task, self.seed), **self.settings)
+        train_dense(model, self.stream.train_batches(task, self.batch_size, self.num_batches,
+                                                     derive_seed(self.seed, task, "batches")),
+                    lr=self.lr, progress=self.progress, description=f"{self.name}, task {task}")
         self.models[task] = self._last = model
 
     def predict(self, x: torch.Tensor, task: int | None) -> torch.Tensor:  # noqa: D102

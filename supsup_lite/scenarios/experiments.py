@@ -13,7 +13,7 @@ results in its run folder (``--out``, resumed when it exists: finished tasks are
 checkpoints not re-evaluated, wall and CPU time are summed over the sessions); ``preset`` also writes the summary
 ``results/<preset>.json`` (and ``.csv``: one row per checkpoint).
 
-**GNu.** Masks are trained K = ``save_every`` tasks at once (``multitask.train_bank``); after every K tasks the bank
+**GNu.** Masks are trained K = ``save_every`` tasks at once (``training.train_bank``); after every K tasks the bank
 (``bank.pt``, bit-packed) and ``results.json`` are saved. At each checkpoint T (the authors' ``eval_ckpts``) the
 evaluation is the paper's GNu protocol (:func:`protocols.gnu_score`): each task's test set, in a fixed shuffle
 per task, is cut into batches of 128; One-Shot infers each batch's task from its first image over the T masks
@@ -26,8 +26,10 @@ uniform sample of ``sample_tasks`` of the T learned tasks and, of each, the firs
 its shuffled test set (a uniform sample of its images). The samples are nested: one seeded permutation of all
 tasks, of which checkpoint T takes the first ``sample_tasks`` below T. Each sampled estimate comes with a 95 %
 interval: Wilson's score interval for task-inference accuracy (one trial per inferred first image), and a
-seeded percentile bootstrap (:data:`BOOTSTRAP_RESAMPLES` resamples) for GNu and GG accuracy: resampling the
-sampled tasks (cluster bootstrap) when tasks were sampled, else the sampled batches within each task.
+seeded percentile bootstrap (:data:`BOOTSTRAP_RESAMPLES` resamples) for GG accuracy: two-stage (tasks, then
+batches within each) when tasks were sampled, else the sampled batches within each task; for GNu accuracy the
+envelope of its own bootstrap and GG × P(inferred right) (:func:`gnu_interval`), so that inference failures too
+rare to appear in the sample still widen the interval.
 
 **NNs.** :class:`supsup_lite.scenarios.allocation.NNsLearner` on the stream of ``tasks`` PermutedMNIST tasks one
 after another, ``batches`` per task, without task ids; its whole state (scores and RMSprop state of every mask,
@@ -61,8 +63,7 @@ from ..config import device as default_device
 from ..core.inference import Objective, entropy, superfluous_logsumexp
 from ..core.masks import MaskBank
 from ..core.models import ARCHITECTURES, frozen_random_model
-from ..core.multitask import train_bank
-from ..core.training import predict
+from ..core.training import predict, train_bank
 from ..data.mnist import PermutedMNIST, load_mnist
 from .allocation import EPSILON, Check, NNsLearner, nns_accuracy, task_sequence_batches
 from .protocols import correct_per_batch, gnu_score, infer_tasks, shuffled_test_set, task_weights
@@ -73,6 +74,7 @@ TASKS_PER_PASS = 50        # tasks whose first test images go through one batche
 REAL_CLASSES = 10          # PermutedMNIST labels: outputs beyond these are the superfluous neurons of G
 BOOTSTRAP_RESAMPLES = 2000
 Z_95 = 1.959963984540054   # the standard normal's 97.5 % quantile
+Z_975 = 2.241402727604947  # its 98.75 % quantile: two 97.5 % intervals, combined by Bonferroni, cover ≥ 95 %
 # Settings a resumed run must share with the saved one (they decide the masks or the evaluation).
 FIXED_SETTINGS = ("model", "outputs", "batches", "batch_size", "lr", "seed", "data_seed", "save_every",
                   "test_batch_size", "eval_seed", "sample_tasks", "sample_batches")
@@ -270,9 +272,10 @@ def bootstrap_interval(values: torch.Tensor, *, resample: Literal["tasks", "batc
     """Percentile bootstrap interval of mean_i mean_b values[i, b]. values: (tasks, batches), e.g. the per-batch
     accuracies of the sampled batches, or (tasks, 1) per-task accuracies.
 
-    ``resample="tasks"`` draws rows with replacement (a cluster bootstrap: the sampled tasks are a sample of the
-    learned ones); ``"batches"`` keeps every row and draws its columns with replacement (all tasks evaluated, a
-    sample of each one's batches). Seeded: the same values and seed give the same interval.
+    ``resample="tasks"`` is a two-stage bootstrap: rows (tasks) with replacement, then the columns (batches) of
+    each drawn row with replacement — the sampled tasks are a sample of the learned ones, and each task's batches a
+    sample of its test set; ``"batches"`` keeps every row and draws its columns with replacement (all tasks
+    evaluated, a sample of each one's batches). Seeded: the same values and seed give the same interval.
     """
     if values.dim() != 2 or values.numel() == 0:
         raise ValueError(f"values must be a non-empty (tasks, batches) table, got shape {tuple(values.shape)}")
@@ -280,7 +283,9 @@ def bootstrap_interval(values: torch.Tensor, *, resample: Literal["tasks", "batc
     values = values.double().cpu()
     rows, cols = values.shape
     if resample == "tasks":
-        means = values.mean(1)[torch.randint(rows, (resamples, rows), generator=gen)].mean(1)
+        drawn = values[torch.randint(rows, (resamples, rows), generator=gen)]  # (resamples, rows, cols)
+        picks = torch.randint(cols, (resamples, rows, cols), generator=gen)
+        means = drawn.gather(2, picks).mean((1, 2))
     elif resample == "batches":
         picks = torch.randint(cols, (resamples, rows, cols), generator=gen)
         means = values.expand(resamples, rows, cols).gather(2, picks).mean((1, 2))
@@ -291,16 +296,30 @@ def bootstrap_interval(values: torch.Tensor, *, resample: Literal["tasks", "batc
     return low, high
 
 
+def gnu_interval(bootstrap: tuple[float, float], gg: tuple[float, float],
+                 inference: tuple[float, float]) -> tuple[float, float]:
+    """95 % interval of a sampled GNu accuracy: the envelope of its own bootstrap interval and GG × P(inferred
+    right), each factor's interval at 97.5 % (Bonferroni).
+
+    GNu ≈ GG · P(right task) when a batch's accuracy does not depend on whether its task was inferred right. A
+    sample with no inference failure gives a bootstrap interval that cannot see failures at all; the product with
+    the task-inference interval keeps the rare failures a larger sample would find inside the interval.
+    """
+    return min(bootstrap[0], gg[0] * inference[0]), max(bootstrap[1], gg[1] * inference[1])
+
+
 def sample_summary(learned: int, tasks: Sequence[int], batches: int, batch_size: int, *,
                    inference: bool) -> dict[str, Any]:
     """What a sampled checkpoint evaluated (``tasks`` of the ``learned``, ``batches`` test batches of each) and how
     its 95 % intervals are computed; ``inference``: whether a task-inference accuracy (Wilson) is reported."""
-    resampled = "resampling the sampled tasks" if len(tasks) < learned else "resampling batches within each task"
+    resampled = ("resampling the sampled tasks, then the batches within each" if len(tasks) < learned
+                 else "resampling batches within each task")
     wilson = "Wilson score interval for task inference (one trial per inferred first image); " if inference else ""
     return {"tasks": len(tasks), "of_tasks": learned, "batches_per_task": batches,
             "images_per_task": batches * batch_size, "inferred_images": len(tasks) * batches,
             "interval": f"95 %: {wilson}percentile bootstrap ({BOOTSTRAP_RESAMPLES} resamples, seeded) for "
-                        f"accuracies, {resampled}"}
+                        f"accuracies, {resampled}" + ("; GNu: the envelope of its bootstrap and GG × P(inferred "
+                                                      "right) at 97.5 % each" if inference else "")}
 
 
 # --- machine and code ----------------------------------------------------------------------------------------
@@ -395,13 +414,14 @@ def _new_results(experiment: str, config: Any) -> dict[str, Any]:
 
 
 def _accuracy_record(*, per_batch: torch.Tensor, per_task: torch.Tensor, sampled: bool, by: str,
-                     seed: int) -> tuple[float, list[float] | None]:
-    """Mean accuracy over the evaluated tasks and, when sampled, its bootstrap interval."""
+                     batches_sampled: bool, seed: int, level: float = 0.95) -> tuple[float, list[float] | None]:
+    """Mean accuracy over the evaluated tasks and, when sampled, its bootstrap interval: over the per-batch table
+    when batches were sampled (all full batches), else over the exact per-task values."""
     value = per_task.mean().item()
     if not sampled:
         return value, None
-    table = per_batch if by == "batches" else per_task[:, None]
-    return value, list(bootstrap_interval(table, resample=by, seed=seed))
+    table = per_batch if batches_sampled else per_task[:, None]
+    return value, list(bootstrap_interval(table, resample=by, seed=seed, level=level))
 
 
 class GNuRun(_Session):
@@ -465,8 +485,8 @@ class GNuRun(_Session):
         c = self.config
         for stop in self.chunk_ends(tasks):
             start, began = len(self.bank), time.perf_counter()
-            train_bank(self.model, self.stream, stop, k=stop - start, num_batches=c.batches, batch_size=c.batch_size,
-                       lr=c.lr, seed=c.seed, bank=self.bank, progress=False)
+            train_bank(self.model, self.stream, num_tasks=stop, k=stop - start, num_batches=c.batches,
+                       batch_size=c.batch_size, lr=c.lr, seed=c.seed, bank=self.bank, progress=False)
             self.results["train_seconds"] += time.perf_counter() - began
             self.results["train_seconds_at"][str(stop)] = self.results["train_seconds"]
             self.results["tasks_trained"] = len(self.bank)
@@ -524,9 +544,12 @@ class GNuRun(_Session):
         by = "tasks" if len(evaluated) < tasks else "batches"
         seed = derive_seed(c.eval_seed, tasks, "evaluation")
         scored = own * right / c.test_batch_size   # per-batch accuracy (all full batches when batches are sampled)
-        gnu_value, gnu_ci = _accuracy_record(per_batch=scored, per_task=gnu, sampled=sampled, by=by, seed=seed)
-        gg_value, gg_ci = _accuracy_record(per_batch=own / c.test_batch_size, per_task=gg, sampled=sampled, by=by,
-                                           seed=seed)
+        settings = dict(sampled=sampled, by=by, batches_sampled=batches < self.num_batches, seed=seed)
+        gnu_value, gnu_ci = _accuracy_record(per_batch=scored, per_task=gnu, **settings)
+        gg_value, gg_ci = _accuracy_record(per_batch=own / c.test_batch_size, per_task=gg, **settings)
+        if sampled:
+            _, gg_ci_975 = _accuracy_record(per_batch=own / c.test_batch_size, per_task=gg, level=0.975, **settings)
+            gnu_ci = list(gnu_interval(gnu_ci, gg_ci_975, wilson_interval(int(right.sum()), right.numel(), z=Z_975)))
         seconds = time.perf_counter() - began
         self.results["eval_seconds"] += seconds
         record = {"tasks": tasks, "objective": objective, "gnu_accuracy": gnu_value,
@@ -685,6 +708,7 @@ class NNsRun(_Session):
         per_batch = torch.tensor([row[:batches] for row in result.scored]) / c.test_batch_size
         by = "tasks" if len(evaluated) < tasks else "batches"
         value, ci = _accuracy_record(per_batch=per_batch, per_task=per_task, sampled=sampled, by=by,
+                                     batches_sampled=batches < num_batches,
                                      seed=derive_seed(c.eval_seed, tasks, "evaluation"))
         log = self.learner.log
         seconds = time.perf_counter() - began

@@ -10,17 +10,21 @@ from __future__ import annotations
 
 import itertools
 import math
+import time
 from dataclasses import dataclass, field
+from typing import Iterable
 
 import numpy as np
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..core.masks import MaskBank, Masks, apply_masks, init_scores, topk_supermask
-from ..core.models import maskable_parameters
-from ..core.training import TrainHistory, evaluate, fit
+from ..config import derive_seed
+from ..core.masks import MaskBank, Masks, apply_masks, final_masks, init_scores, topk_supermask
+from ..core.models import maskable_parameters, masked_forward
+from ..core.training import TrainHistory, TrainResult, evaluate, fit
 from ..data.cifar import SplitCIFAR100
+from ..data.mnist import Batch
 from .resnet import (
     GEM_WIDTH,
     Buffers,
@@ -38,7 +42,7 @@ def topk_masks(scores: Masks, densities: dict[str, float]) -> Masks:
     autograd gives ∂L/∂s = sign(s) · ∂L/∂M: a step grows |s| of every weight the loss wants kept, whatever
     the sign of s. (Passing s itself would push negative scores the wrong way.)
     """
-    return {name: topk_supermask(s.abs(), densities[name]) for name, s in scores.items()}
+    return {name: topk_supermask(s, densities[name]) for name, s in scores.items()}
 
 
 def task_weights(model: nn.Module, masks: Masks, bn_stats: Buffers) -> dict[str, torch.Tensor]:
@@ -46,42 +50,42 @@ def task_weights(model: nn.Module, masks: Masks, bn_stats: Buffers) -> dict[str,
     return {**apply_masks(model, masks), **bn_stats}
 
 
-def train_gg_task(model: nn.Module, stream: SplitCIFAR100, task: int, bn_stats: Buffers,
-                  densities: dict[str, float], epochs: int = 250, batch_size: int = 128, lr: float = 1e-3,
-                  weight_decay: float = 1e-4, seed: int = 0, progress: bool = True) -> tuple[Masks, TrainHistory]:
-    """Learn task ``task``'s top-k supermask; ``bn_stats`` (the task's BatchNorm buffers) are updated in place.
+def train_gg_task(model: nn.Module, batches: Iterable[Batch], *, bn_stats: Buffers, densities: dict[str, float],
+                  num_batches: int, batches_per_epoch: int, seed: int, lr: float = 1e-3, weight_decay: float = 1e-4,
+                  progress: bool = True) -> TrainResult:
+    """Learn one task's top-k supermask from ``num_batches`` of ``batches``; ``bn_stats`` (the task's BatchNorm
+    buffers) are updated in place.
 
-    ``model`` must be frozen. Each step runs ``model`` in training mode (BatchNorm normalises with batch
+    ``model`` must be frozen. Scores are seeded with ``seed``. Adam(lr, weight_decay) with a cosine schedule
+    over ⌈num_batches / batches_per_epoch⌉ epochs, stepped after every ``batches_per_epoch`` batches (the
+    authors step it per epoch). Each step runs ``model`` in training mode (BatchNorm normalises with batch
     statistics and folds them into ``bn_stats`` with momentum 0.1). Returns bool masks shaped like W and the
     per-batch history. Passing the same ``bn_stats`` to every task reproduces the authors' shared-BN bug.
     """
     params = maskable_parameters(model)
     if any(p.requires_grad for p in params.values()):
         raise ValueError("the base network must be frozen (requires_grad=False); build it with frozen_gem_resnet18")
-    if epochs < 1:
-        raise ValueError(f"epochs must be ≥ 1, got {epochs}")
+    if num_batches < 1 or batches_per_epoch < 1:
+        raise ValueError(f"num_batches and batches_per_epoch must be ≥ 1, got {num_batches} and {batches_per_epoch}")
     scores = init_scores(model, torch.Generator().manual_seed(seed))
     optimizer = torch.optim.Adam(scores.values(), lr=lr, weight_decay=weight_decay)
-    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs)
-    per_epoch = math.ceil(stream.num_train(task) / batch_size)
-    batches = stream.train_batches(task, batch_size, epochs * per_epoch, seed)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=math.ceil(num_batches / batches_per_epoch))
 
     def forward(x: torch.Tensor) -> torch.Tensor:
-        return torch.func.functional_call(model, task_weights(model, topk_masks(scores, densities), bn_stats), (x,))
+        return masked_forward(model, task_weights(model, topk_masks(scores, densities), bn_stats), x)
 
-    history = TrainHistory()
+    def end_of_epoch(i: int) -> None:
+        if (i + 1) % batches_per_epoch == 0:
+            schedule.step()
+
+    start = time.perf_counter()
     model.train()
     try:
-        for _ in tqdm(range(epochs), disable=not progress, desc=f"task {task}", leave=False):
-            epoch = fit(forward, scores.values(), optimizer, itertools.islice(batches, per_epoch), progress=False)
-            history.loss += epoch.loss
-            history.accuracy += epoch.accuracy
-            schedule.step()
+        history = fit(forward, optimizer, itertools.islice(batches, num_batches), progress=progress,
+                      description="GG task", after_step=end_of_epoch)
     finally:
         model.eval()
-    with torch.no_grad():
-        masks = {name: m > 0 for name, m in topk_masks(scores, densities).items()}
-    return masks, history
+    return TrainResult([final_masks(scores, keep_frac=densities)], [history], time.perf_counter() - start)
 
 
 def evaluate_gg_task(model: nn.Module, stream: SplitCIFAR100, task: int, masks: Masks, bn_stats: Buffers,
@@ -133,8 +137,9 @@ def run_split_cifar100(num_tasks: int = 20, epochs: int = 250, budget: float = 1
                        device: torch.device | str | None = None, progress: bool = True) -> GGResult:
     """Scenario GG on SplitCIFAR100 with the paper's GEM ResNet-18 (rn18-supsup: 250 epochs, Adam 1e-3).
 
-    ``seed`` picks the class split (when ``stream`` is None), the base network's signs and the scores' init,
-    as one seed does in the authors' runs (they report seeds 0–4). ``budget`` is the ER budget (paper: 1–32).
+    ``seed`` picks the class split (when ``stream`` is None), the base network's signs, and (through
+    ``derive_seed(seed, task, purpose)``) each task's score init and batch order, as one seed does in the
+    authors' runs (they report seeds 0–4). ``budget`` is the ER budget (paper: 1–32).
     ``shared_batchnorm=True`` gives every task the same BatchNorm buffers, the bug of the authors' first
     releases, to show what it does. After each task every learned task is re-evaluated (``GGResult.accuracy``).
     """
@@ -149,11 +154,14 @@ def run_split_cifar100(num_tasks: int = 20, epochs: int = 250, budget: float = 1
     accuracy = np.full((num_tasks, num_tasks), np.nan)
     for task in tqdm(range(num_tasks), disable=not progress, desc="SplitCIFAR100 tasks"):
         stats = shared if shared_batchnorm else batchnorm_stats(model)
-        masks, history = train_gg_task(model, stream, task, stats, densities, epochs, batch_size, lr,
-                                       weight_decay, seed=seed * 1000 + task, progress=progress)
-        bank.append(masks)
+        per_epoch = math.ceil(stream.num_train(task) / batch_size)
+        batches = stream.train_batches(task, batch_size, epochs * per_epoch, derive_seed(seed, task, "batches"))
+        result = train_gg_task(model, batches, bn_stats=stats, densities=densities, num_batches=epochs * per_epoch,
+                               batches_per_epoch=per_epoch, seed=derive_seed(seed, task, "scores"), lr=lr,
+                               weight_decay=weight_decay, progress=progress)
+        bank.append(result.masks[0])
         bn_stats.append(stats)
-        histories.append(history)
+        histories += result.history
         for j in range(task + 1):
             accuracy[task, j] = evaluate_gg_task(model, stream, j, bank.get(j), bn_stats[j])
     total = sum(p.numel() for p in maskable_parameters(model).values())

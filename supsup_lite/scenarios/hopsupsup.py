@@ -17,7 +17,6 @@ starting from the mean of the stored patterns (γ = 1.5e-3, lr 500, momentum 0.9
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Sequence
 
@@ -25,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import resolve_device
+from ..config import derive_seed, resolve_device
 from ..core.inference import entropy
 from ..core.masks import threshold_supermask
 from ..core.models import signed_constant_
@@ -92,7 +91,8 @@ def train_neuron_masks(model: BNNet, stream: TaskStream, task: int, num_batches:
 
     SGD(lr, momentum, weight_decay) on the scores s_l (d_l,) with m_l = 1[s_l ≥ 0] and a straight-through
     gradient, cross-entropy over the 10 outputs, ``num_batches`` batches (None: one epoch, the paper's).
-    Returns the masks (bool (d_l,) per layer) and the per-batch history.
+    Batches are seeded with ``derive_seed(seed, task, "batches")``. Returns the masks (bool (d_l,) per layer)
+    and the per-batch history.
     """
     device = model.head.weight.device
     scores = [torch.zeros(d, device=device, requires_grad=True) for d in model.mask_sizes]
@@ -101,9 +101,8 @@ def train_neuron_masks(model: BNNet, stream: TaskStream, task: int, num_batches:
     def forward(x: torch.Tensor) -> torch.Tensor:
         return model(x, [threshold_supermask(s) for s in scores])
 
-    batches = stream.train_batches(task, batch_size, num_batches, seed)
-    total = num_batches if num_batches is not None else math.ceil(stream.num_train(task) / batch_size)
-    history = fit(forward, scores, optimizer, batches, total, progress, f"neuron masks of task {task}")
+    batches = stream.train_batches(task, batch_size, num_batches, derive_seed(seed, task, "batches"))
+    history = fit(forward, optimizer, batches, progress=progress, description=f"neuron masks of task {task}")
     return [s.detach() >= 0 for s in scores], history
 
 

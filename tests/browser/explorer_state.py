@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import torch
 
+from supsup_lite.config import derive_seed
 from supsup_lite.core.masks import MaskBank
 from supsup_lite.core.models import frozen_random_model
 from supsup_lite.core.training import train_supermask
@@ -24,6 +25,7 @@ def build() -> tuple[torch.nn.Module, MaskBank, PermutedMNIST]:
     model = frozen_random_model("lenet_300_100", 10, seed=0, device="cpu")
     bank = MaskBank.for_model(model)
     for task in range(TASKS):
-        masks, _ = train_supermask(model, stream, task, num_batches=30, seed=task, progress=False)
-        bank.append(masks)
+        result = train_supermask(model, stream.train_batches(task, 128, 30, derive_seed(0, task, "batches")),
+                                 seed=derive_seed(0, task, "scores"), progress=False)
+        bank.append(result.masks[0])
     return model, bank, stream
