@@ -11,7 +11,7 @@ from supsup_lite.config import derive_seed
 from supsup_lite.scenarios.allocation import (EPSILON, Check, NNsLearner, allocation_counts, is_new_task,
                                               learn_tasks, nns_accuracy, novelty_score, task_sequence_batches)
 from supsup_lite.core.inference import one_shot
-from supsup_lite.core.masks import apply_masks
+from supsup_lite.core.masks import MaskBank, apply_masks
 from supsup_lite.core.models import frozen_random_model
 from supsup_lite.scenarios.protocols import gnu_accuracy, shuffled_test_set
 from supsup_lite.core.training import predict, train_supermask
@@ -53,13 +53,13 @@ def test_check_replays_the_decision_under_another_epsilon():
 def test_bad_settings_fail_early(kwargs, message):
     model = frozen_random_model(ARCH, OUTPUTS, seed=0, device="cpu")
     with pytest.raises(ValueError, match=message):
-        NNsLearner(model, ARCH, 0, OUTPUTS, **{"budget": 3, **kwargs})
+        NNsLearner(model, **{"budget": 3, **kwargs})
 
 
 def test_unfrozen_model_is_refused():
     model = frozen_random_model(ARCH, OUTPUTS, seed=0, device="cpu").requires_grad_(True)
     with pytest.raises(ValueError, match="frozen"):
-        NNsLearner(model, ARCH, 0, OUTPUTS, budget=3)
+        NNsLearner(model, budget=3)
 
 
 # --- on real training --------------------------------------------------------------------------------
@@ -67,7 +67,7 @@ def test_unfrozen_model_is_refused():
 def run(permuted):
     """Stream 0, 1, 0, 2 (100 batches each, a check every 50) with a budget of 2 masks; banks after each task."""
     model = frozen_random_model(ARCH, OUTPUTS, seed=0, device="cpu")
-    learner = NNsLearner(model, ARCH, 0, OUTPUTS, budget=2, check_every=CHECK_EVERY)
+    learner = NNsLearner(model, budget=2, check_every=CHECK_EVERY)
     banks = learn_tasks(learner, permuted, [0, 1, 0, 2], BATCHES, snapshots=[1, 2, 3, 4], progress=False)
     return model, learner, banks
 
@@ -91,6 +91,20 @@ def test_spent_budget_trains_nothing_and_keeps_old_masks(run):
         assert torch.equal(banks[3].packed(name), banks[4].packed(name))
     with pytest.raises(RuntimeError, match="budget"):
         learner.allocate()
+
+
+def test_the_learners_bank_is_kept_up_to_date_row_by_row(run):
+    model, learner, banks = run
+    fresh = MaskBank.for_model(model)
+    for scores in learner.scores:
+        fresh.append({name: s.detach() >= 0 for name, s in scores.items()})
+    bank = learner.bank()
+    assert bank is learner.bank()  # no re-packing when nothing trained
+    for name in fresh.names:
+        assert torch.equal(bank.packed(name), fresh.packed(name))
+        assert torch.equal(banks[4].packed(name), fresh.packed(name))  # the snapshot is a copy, equal at the end
+    with_references = learner.bank(references=2)
+    assert len(with_references) == len(learner) + 2 and with_references is not bank
 
 
 def test_one_mask_per_task_reproduces_train_supermask_bit_for_bit(run, permuted):
@@ -154,7 +168,7 @@ def test_nns_accuracy_equals_gnu_when_every_batch_is_inferred_right_and_never_le
 
 def test_learn_tasks_rejects_snapshots_outside_the_stream(permuted):
     model = frozen_random_model(ARCH, OUTPUTS, seed=0, device="cpu")
-    learner = NNsLearner(model, ARCH, 0, OUTPUTS, budget=3)
+    learner = NNsLearner(model, budget=3)
     with pytest.raises(ValueError, match="snapshots"):
         learn_tasks(learner, permuted, [0, 1], 5, snapshots=[3], progress=False)
     assert learner.batches_seen == 0

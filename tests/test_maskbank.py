@@ -276,3 +276,17 @@ def test_load_onto_a_device_and_unpack_there(tmp_path):
     assert loaded.device == torch.device("cpu")
     packed = loaded.packed("layer.weight")
     assert torch.equal(unpack_bits(packed, 91).view(2, 13, 7), torch.stack([m["layer.weight"] for m in masks]))
+
+
+def test_replace_overwrites_one_task_and_bumps_the_version(device):
+    bank, masks = make_bank(3, device=device)
+    version = bank.version
+    bank.replace(1, masks[2])
+    assert bank.version == version + 1 and len(bank) == 3
+    for name in SHAPES:
+        assert torch.equal(bank.packed(name)[1], bank.packed(name)[2])
+        assert torch.equal(bank.get(0, torch.bool)[name].cpu(), masks[0][name])
+    with pytest.raises(IndexError, match="not in the bank"):
+        bank.replace(3, masks[0])
+    with pytest.raises(MaskBankError, match="not binary"):
+        bank.replace(0, {**masks[0], "head.weight": torch.full((5,), 0.5)})

@@ -227,14 +227,21 @@ class MaskBank:
         """Output size s of the base network."""
         return self.network.num_outputs
 
+    def clone(self) -> "MaskBank":
+        """An independent copy (same device): later changes to either leave the other as it is."""
+        bank = MaskBank(self.network, stream=self.stream, device=self.device)
+        bank._storage = {name: self.packed(name).clone() for name in self.names}
+        bank._len, bank.version = self._len, self.version
+        return bank
+
     def to(self, device: torch.device | str) -> "MaskBank":
         """This bank on ``device``: itself when already there, else a copy (like ``Tensor.to``)."""
         device = resolve_device(device)
         if device == self.device:
             return self
-        bank = MaskBank(self.network, stream=self.stream, device=device)
-        bank._storage = {name: self.packed(name).to(device) for name in self.names}
-        bank._len, bank.version = self._len, self.version
+        bank = self.clone()
+        bank._storage = {name: packed.to(device) for name, packed in bank._storage.items()}
+        bank.device = device
         return bank
 
     # --- contents ---------------------------------------------------------------------------------
@@ -270,8 +277,8 @@ class MaskBank:
             raise KeyError(f"no masked parameter {name!r}; the bank has {self.names}")
         return self._storage[name][: self._len]
 
-    def append(self, masks: Masks) -> int:
-        """Store one task's binary masks (bool or 0/1 tensors shaped like the weights); returns its index."""
+    def _packed_rows(self, masks: Masks) -> dict[str, torch.Tensor]:
+        """One task's masks checked (names, shapes, binary) and packed: name → (1, ⌈P/8⌉) uint8 on the device."""
         if set(masks) != set(self.shapes):
             raise MaskBankError(f"masks must cover exactly {self.names}, got {sorted(masks)}")
         rows = {}
@@ -281,6 +288,11 @@ class MaskBank:
             if mask.dtype != torch.bool and not torch.all((mask == 0) | (mask == 1)):
                 raise MaskBankError(f"mask {name!r} is not binary")
             rows[name] = pack_bits(mask.detach().reshape(1, -1).to(self.device))
+        return rows
+
+    def append(self, masks: Masks) -> int:
+        """Store one task's binary masks (bool or 0/1 tensors shaped like the weights); returns its index."""
+        rows = self._packed_rows(masks)
         for name, row in rows.items():
             storage = self._storage[name]
             if self._len == storage.shape[0]:
@@ -291,6 +303,14 @@ class MaskBank:
         self._len += 1
         self.version += 1
         return self._len - 1
+
+    def replace(self, task: int, masks: Masks) -> None:
+        """Overwrite stored task ``task``'s masks (e.g. a mask that kept training in Scenario NNs)."""
+        task = self.check_task(task)
+        rows = self._packed_rows(masks)
+        for name, row in rows.items():
+            self._storage[name][task] = row[0]
+        self.version += 1
 
     def check_task(self, task: int) -> int:
         """Return ``task`` if the bank holds it, else raise a clear ``TypeError`` / ``IndexError``."""

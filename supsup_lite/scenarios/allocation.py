@@ -93,9 +93,8 @@ class NNsLearner:
     :func:`task_sequence_batches` does) therefore reproduces ``train_supermask`` bit for bit.
     """
 
-    def __init__(self, model: nn.Module, arch: str, base_seed: int, num_outputs: int, budget: int,
-                 epsilon: float = EPSILON, check_every: int = 100, min_slots: int = 5, lr: float = 1e-4,
-                 seed: int = 0) -> None:
+    def __init__(self, model: nn.Module, *, budget: int, epsilon: float = EPSILON, check_every: int = 100,
+                 min_slots: int = 5, lr: float = 1e-4, seed: int = 0) -> None:
         if budget < 1:
             raise ValueError(f"budget is the most masks the learner may allocate and must be ≥ 1, got {budget}")
         if check_every < 1:
@@ -107,8 +106,9 @@ class NNsLearner:
         self.params = maskable_parameters(model)
         if any(p.requires_grad for p in self.params.values()):
             raise ValueError("the base network must be frozen (requires_grad=False); call signed_constant_ first")
-        self.model, self.arch, self.base_seed, self.num_outputs = model, arch, base_seed, num_outputs
-        MaskBank.for_model(model)  # fails early on a model the bank cannot hold
+        self.model = model
+        self._bank = MaskBank.for_model(model)  # the binary masks of all allocated masks; fails early on a bad model
+        self._stale: set[int] = set()           # masks trained since their row in ``_bank`` was written
         self.budget, self.epsilon, self.check_every = budget, epsilon, check_every
         self.min_slots, self.lr, self.seed = min_slots, lr, seed
         self.scores: list[Masks] = []
@@ -131,11 +131,21 @@ class NNsLearner:
 
     def bank(self, references: int = 0) -> MaskBank:
         """The current binary masks 1[s ≥ 0] of all masks in allocation order (the live one included),
-        followed by the initial masks of the next ``references`` slots."""
+        followed by the initial masks of the next ``references`` slots.
+
+        Without references this is the learner's own bank, kept up to date row by row (only masks trained since
+        the last call are re-packed); treat it as read-only. With references it is a fresh copy.
+        """
+        for slot in sorted(self._stale):
+            self._bank.replace(slot, {name: s.detach() >= 0 for name, s in self.scores[slot].items()})
+        self._stale.clear()
+        if not references:
+            return self._bank
         bank = MaskBank.for_model(self.model)
-        upcoming = (self.initial_scores(len(self) + j) for j in range(references))
-        for scores in chain(self.scores, upcoming):
-            bank.append({name: s.detach() >= 0 for name, s in scores.items()})
+        for slot in range(len(self)):
+            bank.append(self._bank.get(slot, torch.bool))
+        for j in range(references):
+            bank.append({name: s.detach() >= 0 for name, s in self.initial_scores(len(self) + j).items()})
         return bank
 
     def allocate(self) -> int:
@@ -145,7 +155,18 @@ class NNsLearner:
         scores = self.initial_scores(len(self))
         self.scores.append(scores)
         self.optimizers.append(torch.optim.RMSprop(scores.values(), lr=self.lr))
+        self._bank.append({name: s.detach() >= 0 for name, s in scores.items()})
         return len(self) - 1
+
+    def restore(self, scores: Masks, optimizer_state: dict) -> int:
+        """Allocate the next mask with saved ``scores`` and RMSprop state (resuming a saved learner); its index."""
+        slot = self.allocate()
+        with torch.no_grad():
+            for name, value in scores.items():
+                self.scores[slot][name].copy_(value)
+        self.optimizers[slot].load_state_dict(optimizer_state)
+        self._stale.add(slot)
+        return slot
 
     # --- the decision ----------------------------------------------------------------------------
     def detection_gradient(self, x: torch.Tensor) -> torch.Tensor:
@@ -177,6 +198,7 @@ class NNsLearner:
         if self.live is None:
             return sum(1 for _ in batches)
         scores = self.scores[self.live]
+        self._stale.add(self.live)
         history = fit(lambda x: masked_forward(self.model, masked_weights(self.model, scores), x),
                       self.optimizers[self.live], batches, progress=False)
         return len(history.loss)
@@ -230,7 +252,7 @@ def learn_tasks(learner: NNsLearner, stream: TaskStream, tasks: Sequence[int], b
     for i in tqdm(range(1, len(tasks) + 1), disable=not progress, desc="NNs stream (tasks)"):
         learner.learn(islice(batches, batches_per_task), progress=False)
         if i in wanted:
-            banks[i] = learner.bank()
+            banks[i] = learner.bank().clone()
     return banks
 
 

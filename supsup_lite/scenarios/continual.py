@@ -234,9 +234,9 @@ class SupSupGG(ContinualMethod):
 
     name = "SupSup (GG)"
 
-    def __init__(self, model: nn.Module, stream: TaskStream, num_batches: int | None = 1000, batch_size: int = 128,
+    def __init__(self, model: nn.Module, stream: TaskStream, *, num_batches: int | None = 1000, batch_size: int = 128,
                  lr: float = 1e-4, keep_frac: float | None = None, seed: int = 0, k: int = 1,
-                 arch: str = "model", base_seed: int = 0, progress: bool = False) -> None:
+                 progress: bool = False) -> None:
         super().__init__(stream)
         if k < 1:
             raise ValueError(f"k (tasks trained at once) must be ≥ 1, got {k}")

@@ -621,9 +621,9 @@ class NNsRun(_Session):
         self.device = default_device()
         self.model = frozen_random_model(config.model, config.outputs, config.seed, self.device)
         self.stream = PermutedMNIST(config.tasks, seed=config.data_seed, device=self.device)
-        self.learner = NNsLearner(self.model, config.model, config.seed, config.outputs, config.budget,
-                                  epsilon=config.epsilon, check_every=config.check_every, min_slots=config.min_slots,
-                                  lr=config.lr, seed=config.seed)
+        self.learner = NNsLearner(self.model, budget=config.budget, epsilon=config.epsilon,
+                                  check_every=config.check_every, min_slots=config.min_slots, lr=config.lr,
+                                  seed=config.seed)
         self.tasks_seen = 0
         self._slot_files: list[str] = []
         self._saved: tuple[int, int | None, int, int] = (0, None, 0, 0)  # log entries, live, batches, saves
@@ -636,11 +636,7 @@ class NNsRun(_Session):
         meta = torch.load(self.out / "learner.pt", weights_only=True)
         for file in meta["slot_files"]:
             state = torch.load(self.out / "learner" / file, weights_only=True, map_location=self.device)
-            slot = self.learner.allocate()
-            with torch.no_grad():
-                for name, value in state["scores"].items():
-                    self.learner.scores[slot][name].copy_(value)
-            self.learner.optimizers[slot].load_state_dict(state["optimizer"])
+            self.learner.restore(state["scores"], state["optimizer"])
         self.learner.live, self.learner.batches_seen = meta["live"], meta["batches_seen"]
         self.learner.log = [Check(**check) for check in meta["log"]]
         self.tasks_seen = self.results["tasks_trained"] = meta["tasks_seen"]
