@@ -90,3 +90,15 @@ def test_train_throughput_reports_both_paths():
     result = run_json("train_throughput.py", "--batches", "4", "--repeats", "1")
     assert {"ours_epoch_s", "reference_epoch_s", "accuracy"} <= set(result)
     assert result["ours_epoch_s"] > 0 and result["reference_epoch_s"] > 0 and 0 <= result["accuracy"] <= 1
+
+
+def test_task_inference_reports_ours_reference_and_floor():
+    result = run_json("task_inference.py", "--quick")
+    for tasks in (30, 60):
+        for key in (f"ours_one_shot_T{tasks}", f"ours_binary_T{tasks}", f"reference_one_shot_T{tasks}",
+                    f"floor_read_T{tasks}"):
+            assert result[key]["median"] > 0 and len(result[key]["samples"]) == 1
+        assert result[f"same_task_T{tasks}"] is True  # ours and the authors' float-stack One-Shot agree
+        assert result[f"ours_one_shot_T{tasks}_over_floor"] > 0
+    assert "ours_one_shot_growth_over_linear_T30_to_T60" in result and "ours_each_32x30" in result
+    assert result["environment"]["device"] in ("cpu", "cuda")

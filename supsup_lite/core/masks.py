@@ -112,6 +112,7 @@ class MaskBank:
         self.arch, self.base_seed, self.num_outputs = arch, int(base_seed), int(num_outputs)
         self.device = torch.device(device)
         self._len = 0
+        self.version = 0  # bumped by every append: caches of derived tensors key on it
         self._storage = {name: torch.zeros(0, packed_size(math.prod(s)), dtype=torch.uint8, device=self.device)
                          for name, s in self.shapes.items()}
 
@@ -174,6 +175,7 @@ class MaskBank:
                 self._storage[name] = storage = grown
             storage[self._len] = row[0]
         self._len += 1
+        self.version += 1
         return self._len - 1
 
     def check_task(self, task: int) -> int:
