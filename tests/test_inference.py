@@ -9,7 +9,9 @@ from supsup_lite.core.inference import (alpha_gradient, alpha_gradient_each, bin
                                         one_shot_each, superfluous_logsumexp, uniform_alphas)
 from supsup_lite.core.masks import MaskBank
 from supsup_lite.core.models import frozen_random_model, maskable_parameters, masked_forward
-from supsup_lite.core.superpose import DENSE_MAX_TASKS, superposed_mask_reference
+from supsup_lite.core.superpose import dense_max_tasks, superposed_mask_reference
+
+DENSE_MAX_TASKS = dense_max_tasks(torch.device("cpu"))
 
 
 def random_bank(tasks: int, outputs: int = 20, seed: int = 0, same_masks: bool = False):
@@ -114,15 +116,15 @@ def reference_gradient(model, bank, x, alphas, objective=entropy):
     return value.detach(), grad
 
 
-@pytest.mark.parametrize("tasks", [5, 30], ids=["dense path", "kernel path"])
+@pytest.mark.parametrize("tasks", [3, 30], ids=["dense path", "kernel path"])
 @pytest.mark.parametrize("objective", [entropy, g_objective])
 def test_alpha_gradient_equals_autograd_through_the_float_stack(tasks, objective):
-    assert (tasks > DENSE_MAX_TASKS) == (tasks == 30)  # 30 masks: cached counts + byte tables; 5: unpacked floats
+    assert (tasks > DENSE_MAX_TASKS) == (tasks == 30)  # 30 masks: cached counts + byte tables; 3: unpacked floats
     model, bank = random_bank(tasks, seed=7)
     model = model.double()  # float64 throughout: the kernels must match the reference to float64 rounding
     x = torch.randn(16, 784, generator=torch.Generator().manual_seed(8), dtype=torch.float64)
     g = torch.Generator().manual_seed(9)
-    for alphas in (uniform_alphas(bank), torch.rand(tasks, generator=g), uniform_alphas(bank, torch.arange(3, tasks))):
+    for alphas in (uniform_alphas(bank), torch.rand(tasks, generator=g), uniform_alphas(bank, torch.arange(1, tasks))):
         alphas = alphas.double()
         value, grad = alpha_gradient(model, bank, x, alphas=alphas, objective=objective)
         ref_value, ref_grad = reference_gradient(model, bank, x, alphas, objective)
@@ -133,8 +135,9 @@ def test_alpha_gradient_equals_autograd_through_the_float_stack(tasks, objective
         torch.testing.assert_close(on_rows, grad[rows])
 
 
-@pytest.mark.parametrize("tasks", [5, 40], ids=["dense path", "kernel path"])
+@pytest.mark.parametrize("tasks", [3, 40], ids=["dense path", "kernel path"])
 def test_one_shot_and_binary_search_equal_the_float_stack_search(tasks):
+    assert (tasks > DENSE_MAX_TASKS) == (tasks == 40)
     model, bank = random_bank(tasks, seed=10)
     x = torch.randn(8, 784, generator=torch.Generator().manual_seed(11))
     assert one_shot(model, bank, x) == int(reference_gradient(model, bank, x, uniform_alphas(bank))[1].argmin())

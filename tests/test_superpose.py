@@ -23,13 +23,13 @@ def small_blocks(request, monkeypatch):
     """Both paths: the counting / byte-table kernels for any number of tasks (the torch kernels with tiny blocks, so
     every block boundary is crossed; the numba kernels' blocks are compiled in), or dense unpacking."""
     if request.param == "dense":
-        monkeypatch.setattr(sp, "DENSE_MAX_TASKS", 10**9)
+        monkeypatch.setattr(sp, "DENSE_MAX_TASKS", {"cpu": 10**9, "cuda": 10**9})
         return
     monkeypatch.setattr(sp, "ROWS_PER_COUNT", 3)
     monkeypatch.setattr(sp, "COLUMN_BLOCK", 16)
     monkeypatch.setattr(sp, "TABLE_BLOCK", 5)
     monkeypatch.setattr(sp, "GATHER_ROWS", 4)
-    monkeypatch.setattr(sp, "DENSE_MAX_TASKS", 0)
+    monkeypatch.setattr(sp, "DENSE_MAX_TASKS", {"cpu": 0, "cuda": 0})
 
 
 ALPHAS = {
@@ -84,11 +84,12 @@ def test_counts_and_dot_products_are_exact(numel, kernels, small_blocks):
 
 @pytest.mark.parametrize("kernels", sorted(KERNELS))
 def test_kernels_on_a_bank_larger_than_every_block(kernels):
-    """300 tasks > DENSE_MAX_TASKS and > 255 rows per flush; 5,001 bytes per mask > one count block (4,096 bytes)
-    and > one table block (1,024 bytes), with a tail byte: the numba kernels' real blocks, not the dense path."""
+    """300 tasks > DENSE_MAX_TASKS, > 255 rows per flush and > 64 rows per tile; 5,001 bytes per mask > one count
+    block (4,096 bytes) and > one table block (512 bytes), with a tail byte: the numba kernels' real blocks."""
     counts, dot = KERNELS[kernels]
     tasks, numel = 300, 8 * 5000 + 3
-    assert tasks > max(sp.DENSE_MAX_TASKS, sp.ROWS_PER_FLUSH) and numel // 8 > max(8 * sp.COUNT_WORDS, sp.DOT_BLOCK)
+    assert tasks > max(*sp.DENSE_MAX_TASKS.values(), sp.ROWS_PER_FLUSH, sp.DOT_ROWS)
+    assert numel // 8 > max(8 * sp.COUNT_WORDS, sp.DOT_BLOCK)
     packed = random_packed(tasks, numel, seed=5)
     masks = unpack_bits(packed, numel, torch.int32)
     rows = torch.randperm(tasks, generator=torch.Generator().manual_seed(0))[:280]
@@ -133,7 +134,7 @@ def test_uniform_counts_are_cached_per_bank_version():
     bank = MaskBank.for_model(model, "lenet_300_100", base_seed=0, num_outputs=10)
     g = torch.Generator().manual_seed(0)
     new_masks = lambda: {n: torch.rand(p.shape, generator=g) < 0.5 for n, p in maskable_parameters(model).items()}
-    for _ in range(sp.DENSE_MAX_TASKS + 2):
+    for _ in range(sp.dense_max_tasks(torch.device("cpu")) + 2):
         bank.append(new_masks())
     name, numel = "1.weight", bank.numels["1.weight"]
     first = uniform_counts(bank, name, len(bank))
@@ -154,7 +155,7 @@ def test_uniform_prefix_alphas_use_the_cached_count_with_the_reference_gradient(
     g = torch.Generator().manual_seed(3)
     for _ in range(30):
         bank.append({n: torch.rand(p.shape, generator=g) < 0.5 for n, p in maskable_parameters(model).items()})
-    assert len(bank) > sp.DENSE_MAX_TASKS and sp.uniform_prefix(torch.full((30,), 1 / 30)) == 30
+    assert len(bank) > sp.dense_max_tasks(torch.device("cpu")) and sp.uniform_prefix(torch.full((30,), 1 / 30)) == 30
     for alphas in (torch.full((30,), 1 / 30), torch.cat([torch.full((26,), 0.5), torch.zeros(4)])):
         ours_a, ref_a = alphas.clone().requires_grad_(True), alphas.clone().requires_grad_(True)
         ours = superposed_weights(model, bank, ours_a)

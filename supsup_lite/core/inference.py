@@ -238,7 +238,7 @@ def _add_per_image(out: torch.Tensor, a: torch.Tensor, delta: torch.Tensor, weig
         step = max(1, FLOATS_PER_BLOCK // ((t1 - t0) * outs))
         for i in range(0, a.shape[0], step):
             projected = (a[i:i + step] @ masked.view(-1, ins).T).view(-1, t1 - t0, outs)  # (b, Tc, o)
-            out[i:i + step, t0:t1] += (projected * delta[i:i + step, None, :]).sum(-1)
+            out[i:i + step, t0:t1] += torch.bmm(projected, delta[i:i + step, :, None]).squeeze(2)
 
 
 def _add_per_group(out: torch.Tensor, a: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor,

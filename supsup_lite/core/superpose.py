@@ -10,12 +10,13 @@ packed bytes, never holding T float masks (the authors' code stacks all T masks 
   the count of the first k tasks is cached per bank version (:func:`uniform_counts`).
 * backward: for every byte column j, a table G_j[v] = Σ_k bit_k(v) · g_{8j+k} of the 256 byte values, then
   ∂L/∂α_t = Σ_j G_j[byte_{t,j}]: one table lookup per stored byte (a 1-bit × float GEMV in the spirit of
-  T-MAC), a block of columns at a time so the tables stay in cache.
+  T-MAC), a block of columns at a time so the tables stay in cache, a tile of rows at a time so each word's
+  tables are reused by every row of the tile.
 
 On CPU both passes are numba kernels (compiled on first use, cached on disk, one thread per torch thread); on
 CUDA they are plain torch (:func:`mask_counts_torch`, :func:`masks_dot_torch`). Up to ``DENSE_MAX_TASKS`` masks
-are simply unpacked to floats (cheaper for few tasks). Extra memory is a table or a count per block of columns,
-independent of T.
+(per device type) are simply unpacked to floats (cheaper for few tasks). Extra memory is a table or a count per
+block of columns, independent of T.
 """
 from __future__ import annotations
 
@@ -40,14 +41,17 @@ except ImportError:  # pragma: no cover (numba is in requirements.txt)
 # CPU kernels (numba freezes these when it compiles: never change them at run time)
 ROWS_PER_FLUSH = 255   # rows summed in uint64 lanes before a flush: 255 · 1 per byte lane fits the byte
 COUNT_WORDS = 512      # 8-byte words per column block of the count (8 bits · 512 words · 8 bytes: 32 KB)
-DOT_BLOCK = 1024       # packed bytes per column block of the gradient (tables: 1 MB of float32, in L2; rows
-                       # are read 1 KB at a time, long enough for the prefetcher)
+DOT_BLOCK = 512        # packed bytes per column block of the gradient (tables: 512 KB of float32, in L2; rows
+                       # are copied 512 bytes at a time, long enough for the prefetcher)
+DOT_ROWS = 64          # rows per tile of the gradient (a 32 KB tile walked word by word across its rows)
 # CUDA (plain torch)
 ROWS_PER_COUNT = 127   # rows summed in one int64 pass: 127 · 1 per byte lane never reaches the sign bit
 COLUMN_BLOCK = 4096    # packed bytes per block in the count (a multiple of 8)
 TABLE_BLOCK = 256      # packed bytes per block in the gradient (table: 256 × 256 values)
 GATHER_ROWS = 4096     # tasks per block in the gradient
-DENSE_MAX_TASKS = 24   # up to this many masks, unpacking them to floats is cheaper than counting / tables
+# up to this many masks, unpacking them to floats is cheaper than the kernels (CPU, LeNet 300-100: the numba
+# gradient costs ~1.5 ms + 0.014 ms per mask, unpacking ~0.3 ms per mask; CUDA: one launch unpacks them all)
+DENSE_MAX_TASKS = {"cpu": 4, "cuda": 24}
 UNIFORM_CACHE_SIZE = 4  # task-prefix lengths whose counts are cached per bank (each: P int32 per parameter)
 _LANE_LOW_BITS = 0x0101010101010101  # bit 0 of each byte of an int64
 
@@ -122,7 +126,9 @@ def _dot_kernel(packed: np.ndarray, rows: np.ndarray, vector: np.ndarray, tables
 
     packed (T, n) uint8, rows (r,) int64, vector (8n,) zero-padded, tables (H, DOT_BLOCK·256) scratch of the
     vector's dtype, out (H, r) float64 zeros: thread h takes the h-th run of column blocks; Σ_h out[h] = ⟨M_t, v⟩.
-    Each row reads its block 8 bytes at a time, eight lookups into eight accumulators.
+    Per column block: build the tables, then copy ``DOT_ROWS`` rows at a time into a small tile and walk it word
+    by word (8 bytes, eight lookups), all rows of the tile at each word, so the 8 KB of tables a word needs stay
+    in L1 while the tile's rows use them.
     """
     num_bytes = packed.shape[1]
     threads = out.shape[0]
@@ -131,6 +137,9 @@ def _dot_kernel(packed: np.ndarray, rows: np.ndarray, vector: np.ndarray, tables
     for h in numba.prange(threads):
         table = tables[h]
         part = out[h]
+        tile = np.zeros((DOT_ROWS, DOT_BLOCK), np.uint8)
+        acc = np.zeros(DOT_ROWS, table.dtype)
+        lanes = tile.reshape(-1).view(np.uint64).reshape(DOT_ROWS, DOT_BLOCK // 8)
         for block in range(h * per_thread, min(blocks, (h + 1) * per_thread)):
             c0 = block * DOT_BLOCK
             width = min(num_bytes, c0 + DOT_BLOCK) - c0
@@ -142,25 +151,25 @@ def _dot_kernel(packed: np.ndarray, rows: np.ndarray, vector: np.ndarray, tables
                     for v in range(1 << k):
                         table[base + (1 << k) + v] = table[base + v] + weight
             whole = width // 8
-            for r in range(rows.shape[0]):
-                row = packed[rows[r], c0:c0 + width]
-                lanes = row[:8 * whole].view(np.uint64)
-                a0 = table[0]  # G_0[0] = 0, in the table's dtype
-                a1, a2, a3, a4, a5, a6, a7 = a0, a0, a0, a0, a0, a0, a0
+            for r0 in range(0, rows.shape[0], DOT_ROWS):
+                n = min(rows.shape[0], r0 + DOT_ROWS) - r0
+                for r in range(n):
+                    tile[r, :width] = packed[rows[r0 + r], c0:c0 + width]
+                    acc[r] = 0
                 for i in range(whole):
-                    word = lanes[i]
                     base = 2048 * i
-                    a0 += table[base + (word & 255)]
-                    a1 += table[base + 256 + ((word >> 8) & 255)]
-                    a2 += table[base + 512 + ((word >> 16) & 255)]
-                    a3 += table[base + 768 + ((word >> 24) & 255)]
-                    a4 += table[base + 1024 + ((word >> 32) & 255)]
-                    a5 += table[base + 1280 + ((word >> 40) & 255)]
-                    a6 += table[base + 1536 + ((word >> 48) & 255)]
-                    a7 += table[base + 1792 + (word >> 56)]
-                for j in range(8 * whole, width):
-                    a0 += table[256 * j + row[j]]
-                part[r] += ((a0 + a1) + (a2 + a3)) + ((a4 + a5) + (a6 + a7))
+                    for r in range(n):
+                        word = lanes[r, i]
+                        acc[r] += (((table[base + (word & 255)] + table[base + 256 + ((word >> 8) & 255)])
+                                    + (table[base + 512 + ((word >> 16) & 255)]
+                                       + table[base + 768 + ((word >> 24) & 255)]))
+                                   + ((table[base + 1024 + ((word >> 32) & 255)]
+                                       + table[base + 1280 + ((word >> 40) & 255)])
+                                      + (table[base + 1536 + ((word >> 48) & 255)] + table[base + 1792 + (word >> 56)])))
+                for r in range(n):
+                    for j in range(8 * whole, width):
+                        acc[r] += table[256 * j + tile[r, j]]
+                    part[r0 + r] += acc[r]
 
 
 @lru_cache(maxsize=None)
@@ -168,8 +177,8 @@ def _cpu_kernels() -> tuple:
     """The numba-compiled CPU kernels (compiled lazily on first use, cached on disk)."""
     if numba is None:
         raise ImportError("superposing a mask bank on CPU needs numba (it is in requirements.txt): pip install numba")
-    if "NUMBA_THREADING_LAYER" not in os.environ:  # OpenMP workers spinning between calls would slow torch's
-        numba.config.THREADING_LAYER = "workqueue"
+    if "NUMBA_THREADING_LAYER" not in os.environ:  # numba's OpenMP workers keep spinning after a call and
+        numba.config.THREADING_LAYER = "workqueue"  # compete with torch's threads for the same few cores
     jit = numba.njit(parallel=True, cache=True, boundscheck=False, nogil=True)
     return jit(_counts_kernel), jit(_dot_kernel)
 
@@ -179,6 +188,11 @@ def _cpu_threads() -> int:
     threads = max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS))
     numba.set_num_threads(threads)
     return threads
+
+
+def dense_max_tasks(device: torch.device) -> int:
+    """``DENSE_MAX_TASKS`` for ``device``'s type (other types than cpu: as CUDA)."""
+    return DENSE_MAX_TASKS.get(device.type, DENSE_MAX_TASKS["cuda"])
 
 
 def _task_rows(num_rows: int, rows: torch.Tensor | None) -> torch.Tensor:
@@ -237,7 +251,7 @@ def masks_dot(packed: torch.Tensor, numel: int, vector: torch.Tensor, rows: torc
     (CPU: numba kernel; CUDA: :func:`masks_dot_torch`). Up to ``DENSE_MAX_TASKS`` rows are unpacked instead.
     """
     num_rows, num_bytes = packed.shape
-    if (num_rows if rows is None else rows.numel()) <= DENSE_MAX_TASKS:
+    if (num_rows if rows is None else rows.numel()) <= dense_max_tasks(packed.device):
         selected = packed if rows is None else packed.index_select(0, rows.to(packed.device))
         return unpack_float(selected, numel, vector.dtype) @ vector
     if packed.device.type != "cpu":
@@ -255,17 +269,16 @@ def masks_dot(packed: torch.Tensor, numel: int, vector: torch.Tensor, rows: torc
 def masks_dot_torch(packed: torch.Tensor, numel: int, vector: torch.Tensor,
                     rows: torch.Tensor | None = None) -> torch.Tensor:
     """:func:`masks_dot` in plain torch (the CUDA path): a (c, 256) table per block of c byte columns (one small
-    matrix product), then one gather per stored byte."""
-    num_bytes = packed.shape[1]
-    selected = packed if rows is None else packed.index_select(0, rows.to(packed.device))
-    num_rows = selected.shape[0]
+    matrix product), then one gather per stored byte, ``GATHER_ROWS`` rows at a time (no copy of the rows)."""
+    num_rows, num_bytes = packed.shape
+    rows = torch.arange(num_rows, device=packed.device) if rows is None else rows.to(packed.device)
     padded = torch.nn.functional.pad(vector, (0, 8 * num_bytes - numel)).view(num_bytes, 8)
     table_bits = bit_table(packed.device, vector.dtype).T  # (8, 256)
-    out = torch.zeros(num_rows, dtype=vector.dtype, device=packed.device)
+    out = torch.zeros(rows.numel(), dtype=vector.dtype, device=packed.device)
     for col in range(0, num_bytes, TABLE_BLOCK):
         table = padded[col:col + TABLE_BLOCK] @ table_bits  # (c, 256)
-        for start in range(0, num_rows, GATHER_ROWS):
-            index = selected[start:start + GATHER_ROWS, col:col + TABLE_BLOCK].T.long()  # (c, r)
+        for start in range(0, rows.numel(), GATHER_ROWS):
+            index = packed[rows[start:start + GATHER_ROWS], col:col + TABLE_BLOCK].T.long()  # (c, r)
             out[start:start + index.shape[1]] += torch.gather(table, 1, index).sum(0)
     return out
 
@@ -279,7 +292,7 @@ def superposed_mask_packed(packed: torch.Tensor, numel: int, alphas: torch.Tenso
     nonzero = torch.nonzero(alphas).squeeze(1)
     if nonzero.numel() == 0:
         return out
-    if nonzero.numel() <= DENSE_MAX_TASKS:
+    if nonzero.numel() <= dense_max_tasks(packed.device):
         return alphas[nonzero] @ unpack_float(packed[nonzero], numel, alphas.dtype)
     values, group = torch.unique(alphas[nonzero], return_inverse=True)
     if values.numel() == 1:
@@ -348,7 +361,7 @@ _UNIFORM_CACHE: "weakref.WeakKeyDictionary[MaskBank, OrderedDict]" = weakref.Wea
 def uniform_prefix(alphas: torch.Tensor) -> int | None:
     """k when α is one value on tasks 0..k−1 and 0 after, with k > ``DENSE_MAX_TASKS`` (a cached count), else None."""
     nonzero = torch.count_nonzero(alphas).item()
-    if nonzero <= DENSE_MAX_TASKS or not bool((alphas[:nonzero] == alphas[0]).all()):
+    if nonzero <= dense_max_tasks(alphas.device) or not bool((alphas[:nonzero] == alphas[0]).all()):
         return None
     return nonzero if nonzero == alphas.numel() or not bool(alphas[nonzero:].any()) else None
 
