@@ -20,6 +20,7 @@ Usage: python benchmarks/task_inference.py [--tasks 250,1000,2500] [--budget-gb 
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 from typing import Callable
 
@@ -133,7 +134,7 @@ def run(args: argparse.Namespace, dev: torch.device) -> tuple[dict[str, Timing],
         else:
             reason = (f"the float stack needs {stack_bytes / 2**30:.2f} GiB, over --budget-gb {args.budget_gb:g}")
             extra[f"reference_skipped_T{tasks}"] = reason
-            print(f"reference One-Shot skipped at T={tasks}: {reason}")
+            print(f"reference One-Shot skipped at T={tasks}: {reason}", file=sys.stderr)
         del bank
     first, last = args.tasks[0], args.tasks[-1]
     if last > first:  # ≤ 1: time grows no faster than T
