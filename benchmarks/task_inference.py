@@ -9,7 +9,8 @@ reference: the authors' One-Shot (RAIVNLab/supsup, ``mnist/utils`` ``cache_masks
            autograd through the stack. Building the stack is setup (not timed); it is skipped, with the reason
            printed, where the stack exceeds ``--budget-gb``.
 floor:     one pass reading every packed byte of the bank (an int64 sum over the bytes): the memory floor any
-           task inference over T masks must pay.
+           task inference over T masks must pay; for the per-image gradients also dense GEMMs with the same
+           multiply-adds (N · T · P), their compute floor.
 
 All paths are timed by ``harness.measure`` (warm-up, ≥ 5 repeats, median with min–max). ``peak_extra_*`` is the
 growth of peak memory during one extra call (Linux /proc VmHWM; CUDA: torch's peak allocation): the extra memory
@@ -77,6 +78,22 @@ def reference_one_shot(model: torch.nn.Module, stack: dict[str, torch.Tensor], x
     value = entropy(masked_forward(model, weights, x)).mean()
     (grad,) = torch.autograd.grad(value, alphas)
     return int(grad.argmin())
+
+
+def same_macs_gemm(model: torch.nn.Module, images: int, tasks: int, dev: torch.device) -> Callable[[], None]:
+    """The compute floor of per-image gradients: dense float32 GEMMs with their multiply-adds, N · T · P
+    (per layer (N, in) @ (in, c · out) for blocks of c tasks), operands already in memory."""
+    g = torch.Generator().manual_seed(2)
+    shapes = [p.shape for p in maskable_parameters(model).values()]
+    block = max(1, min(tasks, 25))
+    left = [torch.randn(images, i, generator=g).to(dev) for _, i in shapes]
+    right = [torch.randn(i, block * o, generator=g).to(dev) for o, i in shapes]
+
+    def run() -> None:
+        for (out, _), a, b in zip(shapes, left, right):
+            for start in range(0, tasks, block):
+                a @ b[:, :min(block, tasks - start) * out]
+    return run
 
 
 def _rss_kib(field: str) -> int | None:
@@ -148,6 +165,10 @@ def run(args: argparse.Namespace, dev: torch.device) -> tuple[dict[str, Timing],
     floor = f"floor_read_T{args.each_tasks}_each"
     timings[floor] = measure(lambda: read_every_byte(bank), repeats=args.repeats, device=dev)
     ratios[f"{key}_over_floor"] = timings[key].median / timings[floor].median
+    gemm = f"floor_gemm_{args.each_images}x{args.each_tasks}"
+    timings[gemm] = measure(same_macs_gemm(model, images.shape[0], args.each_tasks, dev), repeats=args.repeats,
+                            device=dev)
+    ratios[f"{key}_over_gemm"] = timings[key].median / timings[gemm].median
     return timings, ratios, extra
 
 
