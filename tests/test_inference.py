@@ -27,7 +27,7 @@ def random_bank(tasks: int, outputs: int = 20, seed: int = 0, same_masks: bool =
 
 
 def g_objective(logits: torch.Tensor) -> torch.Tensor:
-    return superfluous_logsumexp(logits, 10)
+    return superfluous_logsumexp(logits, real_neurons=10)
 
 
 @pytest.mark.parametrize("objective", [entropy, g_objective])

@@ -30,7 +30,7 @@ def entropy(logits: torch.Tensor) -> torch.Tensor:
     return -(log_p.exp() * log_p).sum(1)
 
 
-def superfluous_logsumexp(logits: torch.Tensor, real_neurons: int = 10) -> torch.Tensor:
+def superfluous_logsumexp(logits: torch.Tensor, *, real_neurons: int = 10) -> torch.Tensor:
     """Objective G = logsumexp(z) over all s outputs, with the gradient of the ℓ real-class logits blocked.
 
     logits: (B, s) → (B,). ∂G/∂z_j = softmax_j(z) for the superfluous j ≥ ℓ, and 0 for j < ℓ.
