@@ -1,46 +1,48 @@
-"""One One-Shot task inference (a batch of 128 images) on LeNet 300-100 with 500 outputs, for T masks:
-ours vs the authors' float-stack path, in the same run.
+"""Task inference on LeNet 300-100 with 500 outputs over T random masks: ours vs the authors' float stack vs the
+memory floor, in one run.
 
-ours:      supsup_lite.core.inference.one_shot over the bit-packed MaskBank (superposition by popcount, α-gradient by
-           a byte table; no float copy of the masks).
-reference: the authors' path (PAPER.md §2.4): all T masks cached once as a float32 stack (T, P) per layer, then
-           W ⊙ Σ_t α_t M_t with autograd through the stack. Building the stack is not timed (the authors cache it
-           once per evaluation) but its bytes are counted; it is skipped where it would not fit the memory budget.
+ours:      ``one_shot`` and ``binary_search`` (batch of 128) over the bit-packed MaskBank, and
+           ``alpha_gradient_each`` (per-image gradients, 512 images, T = 250) — superposition by counts (cached
+           per bank version), α-gradient by byte tables straight from the packed bits, no float copy of the masks.
+reference: the authors' One-Shot (RAIVNLab/supsup, ``mnist/utils`` ``cache_masks`` + ``oneshot`` in
+           ``mnist/main.py``): every mask cached once as a float32 stack (T, P) per layer, W ⊙ Σ_t α_t M_t with
+           autograd through the stack. Building the stack is setup (not timed); it is skipped, with the reason
+           printed, where the stack exceeds ``--budget-gb``.
+floor:     one pass reading every packed byte of the bank (an int64 sum over the bytes): the memory floor any
+           task inference over T masks must pay; for the per-image gradients also dense GEMMs with the same
+           multiply-adds (N · T · P), their compute floor.
 
-Time: median of ``--repeats`` calls after one warm-up. Peak: the growth of the process's peak resident memory
-during the timed calls (Linux /proc; CUDA: torch's peak allocation), i.e. the extra memory one inference needs.
+All paths are timed by ``harness.measure`` (warm-up, ≥ 5 repeats, median with min–max). ``peak_extra_*`` is the
+growth of peak memory during one extra call (Linux /proc VmHWM; CUDA: torch's peak allocation): the extra memory
+one inference needs, which must not grow with T.
 
-Usage: python benchmarks/task_inference.py [--tasks 10,100,250,1000,2500] [--repeats 5] [--budget-gb 2] [--json]
+Usage: python benchmarks/task_inference.py [--tasks 250,1000,2500] [--budget-gb 1.5] [--quick] [--json]
 """
 from __future__ import annotations
 
 import argparse
-import json
-import platform
-import statistics
-import time
+import sys
 from pathlib import Path
 from typing import Callable
 
 import torch
 
+from harness import Timing, apply_threads, common_arguments, measure, report
 from supsup_lite.config import device as pick_device
-from supsup_lite.core.inference import entropy, one_shot
+from supsup_lite.core.bits import unpack_bits
+from supsup_lite.core.inference import alpha_gradient_each, binary_search, entropy, one_shot
 from supsup_lite.core.masks import MaskBank
 from supsup_lite.core.models import frozen_random_model, maskable_parameters, masked_forward
 
 OUTPUTS = 500
-BATCH = 128
 
 
 def random_bank(model: torch.nn.Module, tasks: int, seed: int = 0) -> MaskBank:
     """A bank of ``tasks`` random masks (density ½), written straight into the packed storage (fast to build)."""
     bank = MaskBank.for_model(model)
     g = torch.Generator().manual_seed(seed)
-    params = maskable_parameters(model)
-    first = {n: torch.rand(p.shape, generator=g) < 0.5 for n, p in params.items()}
-    bank.append(first)
-    for _ in range(tasks - 1):  # grow the storage with copies, then overwrite the rows with random bytes
+    first = {n: torch.zeros(p.shape, dtype=torch.bool) for n, p in maskable_parameters(model).items()}
+    for _ in range(tasks):  # grow the storage, then overwrite the rows with random bytes
         bank.append(first)
     for name in bank.names:
         rows = bank.packed(name)
@@ -48,14 +50,23 @@ def random_bank(model: torch.nn.Module, tasks: int, seed: int = 0) -> MaskBank:
         last_bits = bank.numels[name] % 8
         if last_bits:  # keep the padding bits of the last byte zero, as pack_bits writes them
             rows[:, -1] &= (1 << last_bits) - 1
+    bank.version += 1  # the rows changed behind append's back
     return bank
 
 
-def reference_stack(bank: MaskBank, dev: torch.device) -> dict[str, torch.Tensor]:
-    """The authors' cache: every mask unpacked to float32, stacked (T, P) per layer."""
-    from supsup_lite.core.bits import unpack_bits
+def read_every_byte(bank: MaskBank) -> int:
+    """The memory floor: one int64 sum over every packed byte of the bank (8 bytes per lane, tail bytes alone)."""
+    total = 0
+    for name in bank.names:
+        flat = bank.packed(name).reshape(-1)
+        whole = flat.numel() // 8 * 8
+        total += int(flat[:whole].view(torch.int64).sum()) + int(flat[whole:].sum())
+    return total
 
-    return {name: unpack_bits(bank.packed(name), numel, torch.float32).to(dev) for name, numel in bank.numels.items()}
+
+def reference_stack(bank: MaskBank) -> dict[str, torch.Tensor]:
+    """The authors' cache: every mask unpacked to float32, stacked (T, P) per layer."""
+    return {name: unpack_bits(bank.packed(name), numel, torch.float32) for name, numel in bank.numels.items()}
 
 
 def reference_one_shot(model: torch.nn.Module, stack: dict[str, torch.Tensor], x: torch.Tensor) -> int:
@@ -69,9 +80,20 @@ def reference_one_shot(model: torch.nn.Module, stack: dict[str, torch.Tensor], x
     return int(grad.argmin())
 
 
-def sync(dev: torch.device) -> None:
-    if dev.type == "cuda":
-        torch.cuda.synchronize()
+def same_macs_gemm(model: torch.nn.Module, images: int, tasks: int, dev: torch.device) -> Callable[[], None]:
+    """The compute floor of per-image gradients: dense float32 GEMMs with their multiply-adds, N · T · P
+    (per layer (N, in) @ (in, c · out) for blocks of c tasks), operands already in memory."""
+    g = torch.Generator().manual_seed(2)
+    shapes = [p.shape for p in maskable_parameters(model).values()]
+    block = max(1, min(tasks, 25))
+    left = [torch.randn(images, i, generator=g).to(dev) for _, i in shapes]
+    right = [torch.randn(i, block * o, generator=g).to(dev) for o, i in shapes]
+
+    def run() -> None:
+        for (out, _), a, b in zip(shapes, left, right):
+            for start in range(0, tasks, block):
+                a @ b[:, :min(block, tasks - start) * out]
+    return run
 
 
 def _rss_kib(field: str) -> int | None:
@@ -84,109 +106,89 @@ def _rss_kib(field: str) -> int | None:
     return None
 
 
-def reset_peak(dev: torch.device) -> None:
-    """Start a fresh peak-memory window."""
+def peak_extra_bytes(call: Callable[[], object], dev: torch.device) -> int | None:
+    """Peak memory above the level before one ``call`` (None where it cannot be read)."""
     if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+        base = torch.cuda.memory_allocated(dev)
         torch.cuda.reset_peak_memory_stats(dev)
-    else:
-        try:
-            Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS (Linux)
-        except OSError:
-            pass
-
-
-def peak_extra_bytes(dev: torch.device, baseline: int) -> int | None:
-    """Peak memory above ``baseline`` since :func:`reset_peak`."""
-    if dev.type == "cuda":
-        return torch.cuda.max_memory_allocated(dev) - baseline
+        call()
+        torch.cuda.synchronize(dev)
+        return torch.cuda.max_memory_allocated(dev) - base
+    base = _rss_kib("VmRSS")
+    try:
+        Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS (Linux)
+    except OSError:
+        return None
+    call()
     peak = _rss_kib("VmHWM")
-    return None if peak is None else max(0, peak * 1024 - baseline)
+    return None if peak is None or base is None else max(0, (peak - base) * 1024)
 
 
-def baseline_bytes(dev: torch.device) -> int:
-    if dev.type == "cuda":
-        return torch.cuda.memory_allocated(dev)
-    return (_rss_kib("VmRSS") or 0) * 1024
-
-
-def measure(call: Callable[[], int], dev: torch.device, repeats: int) -> tuple[float, int | None, int]:
-    """Median seconds of ``call``, the peak extra bytes during the timed calls, and its answer."""
-    answer = call()  # warm-up
-    sync(dev)
-    base = baseline_bytes(dev)
-    reset_peak(dev)
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        answer = call()
-        sync(dev)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times), peak_extra_bytes(dev, base), answer
-
-
-def run(tasks_list: list[int], repeats: int, budget_gb: float, dev: torch.device) -> dict:
+def run(args: argparse.Namespace, dev: torch.device) -> tuple[dict[str, Timing], dict[str, float], dict]:
     model = frozen_random_model("lenet_300_100", OUTPUTS, seed=0, device=dev)
-    x = torch.randn(BATCH, 784, generator=torch.Generator().manual_seed(1)).to(dev)
-    rows = []
-    for tasks in tasks_list:
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(args.batch, 784, generator=g).to(dev)
+    timings, ratios, extra = {}, {}, {"batch": args.batch, "model": f"lenet_300_100 ({OUTPUTS} outputs)"}
+    for tasks in args.tasks:
         bank = random_bank(model, tasks)
-        ours_s, ours_peak, ours_task = measure(lambda: one_shot(model, bank, x), dev, repeats)
+        floor = f"floor_read_T{tasks}"
+        timings[floor] = measure(lambda: read_every_byte(bank), repeats=args.repeats, device=dev)
+        for name, search in (("one_shot", one_shot), ("binary", binary_search)):
+            key = f"ours_{name}_T{tasks}"
+            timings[key] = measure(lambda: search(model, bank, x), repeats=args.repeats, device=dev)
+            ratios[f"{key}_over_floor"] = timings[key].median / timings[floor].median
+            extra[f"peak_extra_bytes_{name}_T{tasks}"] = peak_extra_bytes(lambda: search(model, bank, x), dev)
+        extra[f"mask_bytes_T{tasks}"] = bank.nbytes
         stack_bytes = 4 * tasks * sum(bank.numels.values())
-        row = {"T": tasks, "ours_s": ours_s, "ours_mask_bytes": bank.nbytes, "ours_peak_extra_bytes": ours_peak,
-               "reference_s": None, "reference_mask_bytes": None, "reference_peak_extra_bytes": None,
-               "reference_skipped": None, "same_task": None}
-        if stack_bytes <= budget_gb * 2**30:
-            stack = reference_stack(bank, dev)
-            ref_s, ref_peak, ref_task = measure(lambda: reference_one_shot(model, stack, x), dev, repeats)
-            row.update(reference_s=ref_s, reference_mask_bytes=stack_bytes, reference_peak_extra_bytes=ref_peak,
-                       same_task=ref_task == ours_task)
+        if stack_bytes <= args.budget_gb * 2**30:
+            stack = reference_stack(bank)
+            key = f"reference_one_shot_T{tasks}"
+            timings[key] = measure(lambda: reference_one_shot(model, stack, x), repeats=args.repeats, device=dev)
+            ratios[f"{key}_over_ours"] = timings[key].median / timings[f"ours_one_shot_T{tasks}"].median
+            extra[f"same_task_T{tasks}"] = reference_one_shot(model, stack, x) == one_shot(model, bank, x)
             del stack
         else:
-            row["reference_skipped"] = (f"the float stack needs {stack_bytes / 2**30:.2f} GiB, over the "
-                                        f"--budget-gb {budget_gb:g} GiB")
-        rows.append(row)
+            reason = (f"the float stack needs {stack_bytes / 2**30:.2f} GiB, over --budget-gb {args.budget_gb:g}")
+            extra[f"reference_skipped_T{tasks}"] = reason
+            print(f"reference One-Shot skipped at T={tasks}: {reason}", file=sys.stderr)
         del bank
-    return {"benchmark": "task_inference", "model": f"lenet_300_100 ({OUTPUTS} outputs)", "batch": BATCH,
-            "device": str(dev), "threads": torch.get_num_threads(), "torch": torch.__version__,
-            "machine": platform.processor() or platform.machine(), "repeats": repeats, "rows": rows}
-
-
-def mb(value: int | None) -> str:
-    return "—" if value is None else f"{value / 1e6:8.1f}"
-
-
-def ms(value: float | None) -> str:
-    return "—" if value is None else f"{1e3 * value:9.1f}"
-
-
-def print_table(result: dict) -> None:
-    print(f"One-Shot inference, batch {result['batch']}, {result['model']}, {result['device']}, "
-          f"{result['threads']} thread(s), median of {result['repeats']}")
-    print(f"{'T':>5} | {'ours ms':>9} {'masks MB':>8} {'peak+ MB':>8} | {'ref ms':>9} {'masks MB':>8} "
-          f"{'peak+ MB':>8} | speed-up  same task")
-    for r in result["rows"]:
-        speedup = "—" if r["reference_s"] is None else f"{r['reference_s'] / r['ours_s']:7.1f}x"
-        same = "—" if r["same_task"] is None else str(r["same_task"])
-        print(f"{r['T']:>5} | {ms(r['ours_s'])} {mb(r['ours_mask_bytes'])} {mb(r['ours_peak_extra_bytes'])} | "
-              f"{ms(r['reference_s'])} {mb(r['reference_mask_bytes'])} {mb(r['reference_peak_extra_bytes'])} | "
-              f"{speedup:>8}  {same}")
-    for r in result["rows"]:
-        if r["reference_skipped"]:
-            print(f"reference skipped at T={r['T']}: {r['reference_skipped']}")
+    first, last = args.tasks[0], args.tasks[-1]
+    if last > first:  # ≤ 1: time grows no faster than T
+        for name in ("one_shot", "binary"):
+            growth = timings[f"ours_{name}_T{last}"].median / timings[f"ours_{name}_T{first}"].median
+            ratios[f"ours_{name}_growth_over_linear_T{first}_to_T{last}"] = growth / (last / first)
+    bank = random_bank(model, args.each_tasks)
+    images = torch.randn(args.each_images, 784, generator=g).to(dev)
+    key = f"ours_each_{args.each_images}x{args.each_tasks}"
+    timings[key] = measure(lambda: alpha_gradient_each(model, bank, images), repeats=args.repeats, device=dev)
+    floor = f"floor_read_T{args.each_tasks}_each"
+    timings[floor] = measure(lambda: read_every_byte(bank), repeats=args.repeats, device=dev)
+    ratios[f"{key}_over_floor"] = timings[key].median / timings[floor].median
+    gemm = f"floor_gemm_{args.each_images}x{args.each_tasks}"
+    timings[gemm] = measure(same_macs_gemm(model, images.shape[0], args.each_tasks, dev), repeats=args.repeats,
+                            device=dev)
+    ratios[f"{key}_over_gemm"] = timings[key].median / timings[gemm].median
+    return timings, ratios, extra
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--tasks", default="10,100,250,1000,2500", help="comma-separated numbers of masks T")
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--budget-gb", type=float, default=2.0, help="largest float stack the reference may build")
-    parser.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
+    parser = common_arguments(argparse.ArgumentParser(description=__doc__.splitlines()[0]))
+    parser.add_argument("--tasks", default="250,1000,2500", help="comma-separated numbers of masks T")
+    parser.add_argument("--batch", type=int, default=128, help="images per One-Shot / binary search")
+    parser.add_argument("--each-images", type=int, default=512, help="images of the per-image gradients")
+    parser.add_argument("--each-tasks", type=int, default=250, help="masks T of the per-image gradients")
+    parser.add_argument("--budget-gb", type=float, default=1.5, help="largest float stack the reference may build")
+    parser.add_argument("--quick", action="store_true", help="tiny sizes (T = 30, 60; 1 repeat): a smoke run")
     args = parser.parse_args()
-    result = run([int(t) for t in args.tasks.split(",")], args.repeats, args.budget_gb, pick_device())
-    if args.json:
-        print(json.dumps(result))
-    else:
-        print_table(result)
+    if args.quick:
+        args.tasks, args.batch, args.each_images, args.each_tasks, args.repeats = "30,60", 16, 32, 30, 1
+    args.tasks = [int(t) for t in args.tasks.split(",")]
+    apply_threads(args)
+    dev = pick_device()
+    timings, ratios, extra = run(args, dev)
+    report(f"Task inference, LeNet 300-100 ({OUTPUTS} outputs), batch {args.batch}", timings, ratios=ratios,
+           extra=extra, as_json=args.json, device=dev)
 
 
 if __name__ == "__main__":

@@ -100,3 +100,15 @@ def test_gg_training_reports_every_k_and_checks_the_masks():
         assert result[name]["median"] > 0
     assert {"ours_k1_per_task_over_floor", "ours_k3_per_task_over_floor"} <= set(result)
     assert result["same_masks_at_once_as_alone"] is True and result["ks"] == [1, 3]
+
+
+def test_task_inference_reports_ours_reference_and_floor():
+    result = run_json("task_inference.py", "--quick")
+    for tasks in (30, 60):
+        for key in (f"ours_one_shot_T{tasks}", f"ours_binary_T{tasks}", f"reference_one_shot_T{tasks}",
+                    f"floor_read_T{tasks}"):
+            assert result[key]["median"] > 0 and len(result[key]["samples"]) == 1
+        assert result[f"same_task_T{tasks}"] is True  # ours and the authors' float-stack One-Shot agree
+        assert result[f"ours_one_shot_T{tasks}_over_floor"] > 0
+    assert "ours_one_shot_growth_over_linear_T30_to_T60" in result and "ours_each_32x30" in result
+    assert result["environment"]["device"] in ("cpu", "cuda")

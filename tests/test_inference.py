@@ -5,10 +5,13 @@ import torch
 from torch import nn
 
 from supsup_lite.core.inference import (alpha_gradient, alpha_gradient_each, binary_search, binary_search_each,
-                                        entropy, is_fully_connected, one_shot, one_shot_each,
-                                        superfluous_logsumexp, uniform_alphas)
+                                        binary_search_step, entropy, gradient_on_rows, is_fully_connected, one_shot,
+                                        one_shot_each, superfluous_logsumexp, uniform_alphas)
 from supsup_lite.core.masks import MaskBank
-from supsup_lite.core.models import frozen_random_model, maskable_parameters
+from supsup_lite.core.models import frozen_random_model, maskable_parameters, masked_forward
+from supsup_lite.core.superpose import dense_max_tasks, superposed_mask_reference
+
+DENSE_MAX_TASKS = dense_max_tasks(torch.device("cpu"))
 
 
 def random_bank(tasks: int, outputs: int = 20, seed: int = 0, same_masks: bool = False):
@@ -24,7 +27,7 @@ def random_bank(tasks: int, outputs: int = 20, seed: int = 0, same_masks: bool =
 
 
 def g_objective(logits: torch.Tensor) -> torch.Tensor:
-    return superfluous_logsumexp(logits, 10)
+    return superfluous_logsumexp(logits, real_neurons=10)
 
 
 @pytest.mark.parametrize("objective", [entropy, g_objective])
@@ -32,7 +35,7 @@ def g_objective(logits: torch.Tensor) -> torch.Tensor:
 def test_batched_gradients_equal_the_loop(objective, group_size):
     model, bank = random_bank(6)
     x = torch.randn(9, 784, generator=torch.Generator().manual_seed(1))
-    batched = alpha_gradient_each(model, bank, x, objective, group_size=group_size)
+    batched = alpha_gradient_each(model, bank, x, objective=objective, group_size=group_size)
     loop = torch.stack([alpha_gradient(model, bank, x[i:i + group_size], objective=objective)[1]
                         for i in range(0, 9, group_size)])
     torch.testing.assert_close(batched, loop, rtol=1e-4, atol=1e-6)
@@ -43,7 +46,7 @@ def test_batched_gradients_over_the_first_tasks_only():
     x = torch.randn(4, 784, generator=torch.Generator().manual_seed(2))
     batched = alpha_gradient_each(model, bank, x, num_tasks=4)
     alphas = uniform_alphas(bank, torch.arange(4))
-    loop = torch.stack([alpha_gradient(model, bank, x[i:i + 1], alphas)[1][:4] for i in range(4)])
+    loop = torch.stack([alpha_gradient(model, bank, x[i:i + 1], alphas=alphas)[1][:4] for i in range(4)])
     torch.testing.assert_close(batched, loop, rtol=1e-4, atol=1e-6)
     assert one_shot_each(model, bank, x, num_tasks=4).tolist() == [one_shot(model, bank, x[i:i + 1], num_tasks=4)
                                                                     for i in range(4)]
@@ -97,6 +100,61 @@ def test_gradients_over_any_candidate_set():
     x = torch.randn(3, 784, generator=torch.Generator().manual_seed(6))
     candidates = torch.tensor([1, 4, 5])
     batched = alpha_gradient_each(model, bank, x, candidates=candidates)
-    loop = torch.stack([alpha_gradient(model, bank, x[i:i + 1], uniform_alphas(bank, candidates))[1][candidates]
+    loop = torch.stack([alpha_gradient(model, bank, x[i:i + 1], alphas=uniform_alphas(bank, candidates))[1][candidates]
                         for i in range(3)])
     torch.testing.assert_close(batched, loop, rtol=1e-4, atol=1e-6)
+
+
+def reference_gradient(model, bank, x, alphas, objective=entropy):
+    """The plain reference: autograd through W ⊙ (α · float stack of the T masks)."""
+    alphas = alphas.clone().requires_grad_(True)
+    params = maskable_parameters(model)
+    weights = {n: params[n] * superposed_mask_reference(bank.packed(n), bank.numels[n], alphas).view_as(params[n])
+               for n in bank.names}
+    value = objective(masked_forward(model, weights, x)).mean()
+    (grad,) = torch.autograd.grad(value, alphas)
+    return value.detach(), grad
+
+
+@pytest.mark.parametrize("tasks", [3, 30], ids=["dense path", "kernel path"])
+@pytest.mark.parametrize("objective", [entropy, g_objective])
+def test_alpha_gradient_equals_autograd_through_the_float_stack(tasks, objective):
+    assert (tasks > DENSE_MAX_TASKS) == (tasks == 30)  # 30 masks: cached counts + byte tables; 3: unpacked floats
+    model, bank = random_bank(tasks, seed=7)
+    model = model.double()  # float64 throughout: the kernels must match the reference to float64 rounding
+    x = torch.randn(16, 784, generator=torch.Generator().manual_seed(8), dtype=torch.float64)
+    g = torch.Generator().manual_seed(9)
+    for alphas in (uniform_alphas(bank), torch.rand(tasks, generator=g), uniform_alphas(bank, torch.arange(1, tasks))):
+        alphas = alphas.double()
+        value, grad = alpha_gradient(model, bank, x, alphas=alphas, objective=objective)
+        ref_value, ref_grad = reference_gradient(model, bank, x, alphas, objective)
+        torch.testing.assert_close(value, ref_value)
+        torch.testing.assert_close(grad, ref_grad)
+        rows = torch.tensor([tasks - 1, 0, 2])
+        _, on_rows = gradient_on_rows(model, bank, x, alphas, rows=rows, objective=objective)
+        torch.testing.assert_close(on_rows, grad[rows])
+
+
+@pytest.mark.parametrize("tasks", [3, 40], ids=["dense path", "kernel path"])
+def test_one_shot_and_binary_search_equal_the_float_stack_search(tasks):
+    assert (tasks > DENSE_MAX_TASKS) == (tasks == 40)
+    model, bank = random_bank(tasks, seed=10)
+    x = torch.randn(8, 784, generator=torch.Generator().manual_seed(11))
+    assert one_shot(model, bank, x) == int(reference_gradient(model, bank, x, uniform_alphas(bank))[1].argmin())
+    candidates = torch.arange(tasks)
+    while candidates.numel() > 1:
+        candidates = binary_search_step(reference_gradient(model, bank, x, uniform_alphas(bank, candidates))[1],
+                                        candidates)
+    assert binary_search(model, bank, x) == int(candidates[0])
+
+
+def test_one_shot_sees_tasks_appended_after_a_cached_call():
+    model, bank = random_bank(DENSE_MAX_TASKS + 3, seed=12)
+    model = model.double()
+    x = torch.randn(8, 784, generator=torch.Generator().manual_seed(13), dtype=torch.float64)
+    one_shot(model, bank, x)  # caches the count of all tasks
+    g = torch.Generator().manual_seed(14)
+    bank.append({n: torch.rand(p.shape, generator=g) < 0.5 for n, p in maskable_parameters(model).items()})
+    alphas = uniform_alphas(bank).double()
+    torch.testing.assert_close(alpha_gradient(model, bank, x, alphas=alphas)[1],
+                               reference_gradient(model, bank, x, alphas)[1])

@@ -1,4 +1,5 @@
-"""The packed-bank superposition kernel against the plain float-stack reference (values and gradients)."""
+"""The packed-bank superposition kernels against the plain float-stack reference (values and gradients): the CPU
+numba kernels, the CUDA torch kernels (run here on CPU tensors), and the dense unpacking path."""
 import pytest
 import torch
 
@@ -6,8 +7,8 @@ import supsup_lite.core.superpose as sp
 from supsup_lite.core.bits import pack_bits, unpack_bits
 from supsup_lite.core.masks import MaskBank
 from supsup_lite.core.models import frozen_random_model, maskable_parameters
-from supsup_lite.core.superpose import (mask_counts, masks_dot, superposed_mask, superposed_mask_reference,
-                                        superposed_weights, unpack_float)
+from supsup_lite.core.superpose import (mask_counts, mask_counts_torch, masks_dot, masks_dot_torch, superposed_mask,
+                                        superposed_mask_reference, superposed_weights, uniform_counts, unpack_float)
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
@@ -17,17 +18,18 @@ def random_packed(tasks: int, numel: int, seed: int, device: str = "cpu", densit
     return pack_bits(torch.rand(tasks, numel, generator=g) < density).to(device)
 
 
-@pytest.fixture(params=["blocks", "dense"])
+@pytest.fixture(params=["kernels", "dense"])
 def small_blocks(request, monkeypatch):
-    """Both paths: counting / byte tables with tiny blocks (every block boundary crossed), or dense unpacking."""
+    """Both paths: the counting / byte-table kernels for any number of tasks (the torch kernels with tiny blocks, so
+    every block boundary is crossed; the numba kernels' blocks are compiled in), or dense unpacking."""
     if request.param == "dense":
-        monkeypatch.setattr(sp, "DENSE_MAX_TASKS", 10**9)
+        monkeypatch.setattr(sp, "DENSE_MAX_TASKS", {"cpu": 10**9, "cuda": 10**9})
         return
     monkeypatch.setattr(sp, "ROWS_PER_COUNT", 3)
     monkeypatch.setattr(sp, "COLUMN_BLOCK", 16)
     monkeypatch.setattr(sp, "TABLE_BLOCK", 5)
     monkeypatch.setattr(sp, "GATHER_ROWS", 4)
-    monkeypatch.setattr(sp, "DENSE_MAX_TASKS", 0)
+    monkeypatch.setattr(sp, "DENSE_MAX_TASKS", {"cpu": 0, "cuda": 0})
 
 
 ALPHAS = {
@@ -63,15 +65,41 @@ def test_float64_gradcheck_small():
     assert torch.autograd.gradcheck(lambda a: superposed_mask(packed, 29, a), (alphas,))
 
 
+KERNELS = {"numba (CPU)": (mask_counts, masks_dot), "torch (CUDA path, on CPU)": (mask_counts_torch, masks_dot_torch)}
+
+
+@pytest.mark.parametrize("kernels", sorted(KERNELS))
 @pytest.mark.parametrize("numel", [1, 8, 63, 65, 1000])
-def test_counts_and_dot_products_are_exact(numel, small_blocks):
+def test_counts_and_dot_products_are_exact(numel, kernels, small_blocks):
+    counts, dot = KERNELS[kernels]
     packed = random_packed(9, numel, seed=numel, density=0.7)
     masks = unpack_bits(packed, numel, torch.int32)
-    assert torch.equal(mask_counts(packed, numel), masks.sum(0))
+    assert torch.equal(counts(packed, numel), masks.sum(0))
     rows = torch.tensor([8, 0, 3])
-    assert torch.equal(mask_counts(packed, numel, rows), masks[rows].sum(0))
+    assert torch.equal(counts(packed, numel, rows), masks[rows].sum(0))
     vector = torch.randn(numel, dtype=torch.float64)
-    torch.testing.assert_close(masks_dot(packed, numel, vector), masks.double() @ vector)
+    torch.testing.assert_close(dot(packed, numel, vector), masks.double() @ vector)
+    torch.testing.assert_close(dot(packed, numel, vector, rows), masks[rows].double() @ vector)
+
+
+@pytest.mark.parametrize("kernels", sorted(KERNELS))
+def test_kernels_on_a_bank_larger_than_every_block(kernels):
+    """300 tasks > DENSE_MAX_TASKS, > 255 rows per flush and > 64 rows per tile; 5,001 bytes per mask > one count
+    block (4,096 bytes) and > one table block (512 bytes), with a tail byte: the numba kernels' real blocks."""
+    counts, dot = KERNELS[kernels]
+    tasks, numel = 300, 8 * 5000 + 3
+    assert tasks > max(*sp.DENSE_MAX_TASKS.values(), sp.ROWS_PER_FLUSH, sp.DOT_ROWS)
+    assert numel // 8 > max(8 * sp.COUNT_WORDS, sp.DOT_BLOCK)
+    packed = random_packed(tasks, numel, seed=5)
+    masks = unpack_bits(packed, numel, torch.int32)
+    rows = torch.randperm(tasks, generator=torch.Generator().manual_seed(0))[:280]
+    assert torch.equal(counts(packed, numel), masks.sum(0))
+    assert torch.equal(counts(packed, numel, rows), masks[rows].sum(0))
+    vector = torch.randn(numel, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(dot(packed, numel, vector, rows), masks[rows].double() @ vector)
+    single = vector.float()  # float32 tables, float64 sums over blocks: float32 tolerance
+    torch.testing.assert_close(dot(packed, numel, single).double(), masks.double() @ single.double(),
+                               rtol=1e-5, atol=1e-3)
 
 
 def test_unpack_float_equals_unpack_bits():
@@ -99,6 +127,49 @@ def random_bank():
     for _ in range(5):
         bank.append({n: torch.rand(p.shape, generator=g) < 0.5 for n, p in maskable_parameters(model).items()})
     return model, bank
+
+
+def test_uniform_counts_are_cached_per_bank_version():
+    model = frozen_random_model("lenet_300_100", 10, seed=0, device="cpu")
+    bank = MaskBank.for_model(model)
+    g = torch.Generator().manual_seed(0)
+    new_masks = lambda: {n: torch.rand(p.shape, generator=g) < 0.5 for n, p in maskable_parameters(model).items()}
+    for _ in range(sp.dense_max_tasks(torch.device("cpu")) + 2):
+        bank.append(new_masks())
+    name, numel = "1.weight", bank.numels["1.weight"]
+    first = uniform_counts(bank, name, len(bank))
+    assert uniform_counts(bank, name, len(bank)) is first  # a hit: no second count
+    assert torch.equal(first, mask_counts(bank.packed(name), numel))
+    version = bank.version
+    bank.append(new_masks())
+    assert bank.version == version + 1
+    grown = uniform_counts(bank, name, len(bank))
+    assert torch.equal(grown, unpack_bits(bank.packed(name), numel, torch.int32).sum(0))
+    assert torch.equal(uniform_counts(bank, name, len(bank) - 1), first)  # the prefix of the grown bank
+
+
+def test_uniform_prefix_alphas_use_the_cached_count_with_the_reference_gradient():
+    """α = 1/T on a 30-task bank (> DENSE_MAX_TASKS): the cached-count forward and the kernel backward."""
+    model = frozen_random_model("lenet_300_100", 10, seed=0, device="cpu")
+    bank = MaskBank.for_model(model)
+    g = torch.Generator().manual_seed(3)
+    for _ in range(30):
+        bank.append({n: torch.rand(p.shape, generator=g) < 0.5 for n, p in maskable_parameters(model).items()})
+    assert len(bank) > sp.dense_max_tasks(torch.device("cpu")) and sp.uniform_prefix(torch.full((30,), 1 / 30)) == 30
+    for alphas in (torch.full((30,), 1 / 30), torch.cat([torch.full((26,), 0.5), torch.zeros(4)])):
+        ours_a, ref_a = alphas.clone().requires_grad_(True), alphas.clone().requires_grad_(True)
+        ours = superposed_weights(model, bank, ours_a)
+        params = maskable_parameters(model)
+        loss_ours = loss_ref = 0
+        for name, weight in params.items():
+            upstream = torch.randn(weight.shape, generator=g)
+            ref = weight * superposed_mask_reference(bank.packed(name), bank.numels[name], ref_a).view_as(weight)
+            torch.testing.assert_close(ours[name], ref)
+            loss_ours = loss_ours + (ours[name] * upstream).sum()
+            loss_ref = loss_ref + (ref * upstream).sum()
+        loss_ours.backward()
+        loss_ref.backward()
+        torch.testing.assert_close(ours_a.grad, ref_a.grad, rtol=1e-4, atol=1e-4)
 
 
 def test_superposed_weights_equal_w_times_reference(random_bank):

@@ -25,7 +25,7 @@ def test_readout_matches_the_pure_functions(explorer, trained_bank, permuted):
     assert explorer.readout.entropy == pytest.approx(expected.entropy)
     assert f"{expected.entropy:.3f}" in explorer.status.value
     assert abs(explorer.readout.probs.sum().item() - 1) < 1e-5
-    _, grad = alpha_gradient(model, bank, x[3:4], alphas)
+    _, grad = alpha_gradient(model, bank, x[3:4], alphas=alphas)
     torch.testing.assert_close(explorer.readout.grad, grad)
 
 

@@ -16,7 +16,7 @@ from torch import nn
 
 from .masks import MaskBank
 from .models import maskable_parameters, masked_forward
-from .superpose import check_alphas, superposed_weights, unpack_float
+from .superpose import check_alphas, masks_dot, superposed_weights, unpack_float
 
 Objective = Callable[[torch.Tensor], torch.Tensor]
 
@@ -30,7 +30,7 @@ def entropy(logits: torch.Tensor) -> torch.Tensor:
     return -(log_p.exp() * log_p).sum(1)
 
 
-def superfluous_logsumexp(logits: torch.Tensor, real_neurons: int = 10) -> torch.Tensor:
+def superfluous_logsumexp(logits: torch.Tensor, *, real_neurons: int = 10) -> torch.Tensor:
     """Objective G = logsumexp(z) over all s outputs, with the gradient of the ℓ real-class logits blocked.
 
     logits: (B, s) → (B,). ∂G/∂z_j = softmax_j(z) for the superfluous j ≥ ℓ, and 0 for j < ℓ.
@@ -59,19 +59,33 @@ def check_images(x: torch.Tensor) -> None:
                          f"got shape {tuple(x.shape)}")
 
 
-def alpha_gradient(model: nn.Module, bank: MaskBank, x: torch.Tensor, alphas: torch.Tensor | None = None,
+def alpha_gradient(model: nn.Module, bank: MaskBank, x: torch.Tensor, *, alphas: torch.Tensor | None = None,
                    objective: Objective = entropy) -> tuple[torch.Tensor, torch.Tensor]:
     """Objective and its gradient in α: (mean_b objective(f(x_b, W ⊙ Σ α_t M_t)), ∂/∂α (T,)).
 
-    x: (B, ...) one image (B = 1) or a batch; alphas: (T,), default 1/T.
+    x: (B, ...) one image (B = 1) or a batch; alphas: (T,), default 1/T. Both results on the bank's device.
+    """
+    alphas = uniform_alphas(bank) if alphas is None else alphas
+    return gradient_on_rows(model, bank, x, alphas, rows=None, objective=objective)
+
+
+def gradient_on_rows(model: nn.Module, bank: MaskBank, x: torch.Tensor, alphas: torch.Tensor, *,
+                     rows: torch.Tensor | None, objective: Objective) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`alpha_gradient` for the tasks ``rows`` only (k,) (default all): (mean objective, ∂/∂α_rows (k,)).
+
+    One backward to the effective weights, then ∂/∂α_t = Σ_layers ⟨∂L/∂W_eff ⊙ W, M_t⟩ over the packed masks
+    of the requested tasks only (binary search asks for its candidates, not all T).
     """
     check_images(x)
-    alphas = uniform_alphas(bank) if alphas is None else alphas
     check_alphas(bank, alphas)
-    alphas = alphas.detach().clone().requires_grad_(True)
+    params = maskable_parameters(model)
+    with torch.no_grad():
+        weights = {name: w.requires_grad_(True) for name, w in superposed_weights(model, bank, alphas).items()}
     with torch.enable_grad():
-        value = objective(masked_forward(model, superposed_weights(model, bank, alphas), x)).mean()
-        (grad,) = torch.autograd.grad(value, alphas)
+        value = objective(masked_forward(model, weights, x)).mean()
+        grads = torch.autograd.grad(value, list(weights.values()))
+    grad = sum(masks_dot(bank.packed(name), numel, (g * params[name]).flatten(), rows)
+               for (name, numel), g in zip(bank.numels.items(), grads))
     return value.detach(), grad
 
 
@@ -83,15 +97,16 @@ def first_tasks(bank: MaskBank, num_tasks: int | None) -> torch.Tensor:
     return torch.arange(k, device=bank.device)
 
 
-def one_shot(model: nn.Module, bank: MaskBank, x: torch.Tensor, objective: Objective = entropy,
+def one_shot(model: nn.Module, bank: MaskBank, x: torch.Tensor, *, objective: Objective = entropy,
              num_tasks: int | None = None) -> int:
     """One-Shot inference: argmin_t ∂objective/∂α_t at α = 1/T, over the learned tasks only (Eq. 4).
 
     ``num_tasks``: superpose and search only the first k tasks of the bank (default all).
     """
     candidates = first_tasks(bank, num_tasks)
-    _, grad = alpha_gradient(model, bank, x, uniform_alphas(bank, candidates), objective)
-    return int(grad[candidates].argmin())
+    _, grad = gradient_on_rows(model, bank, x, uniform_alphas(bank, candidates), rows=candidates,
+                               objective=objective)
+    return int(grad.argmin())
 
 
 def binary_search_step(grad: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
@@ -104,16 +119,19 @@ def binary_search_step(grad: torch.Tensor, candidates: torch.Tensor) -> torch.Te
     return candidates[order[: (candidates.numel() + 1) // 2]].sort().values
 
 
-def binary_search(model: nn.Module, bank: MaskBank, x: torch.Tensor, objective: Objective = entropy,
+def binary_search(model: nn.Module, bank: MaskBank, x: torch.Tensor, *, objective: Objective = entropy,
                   num_tasks: int | None = None) -> int:
     """Binary inference: halve the candidate tasks at the median α-gradient until one is left (⌈log₂ T⌉ steps).
 
     Each step keeps ⌈k/2⌉ candidates, so it ends after exactly ⌈log₂ T⌉ steps, ties or not, for one image too.
-    ``num_tasks``: search only the first k tasks of the bank (default all).
+    ``num_tasks``: search only the first k tasks of the bank (default all). Each step reads the masks of its
+    candidates only.
     """
     candidates = first_tasks(bank, num_tasks)
+    grad = torch.zeros(len(bank), device=bank.device)
     while candidates.numel() > 1:
-        _, grad = alpha_gradient(model, bank, x, uniform_alphas(bank, candidates), objective)
+        _, grad[candidates] = gradient_on_rows(model, bank, x, uniform_alphas(bank, candidates), rows=candidates,
+                                               objective=objective)
         candidates = binary_search_step(grad, candidates)
     return int(candidates[0])
 
@@ -170,15 +188,15 @@ def task_blocks(num_tasks: int, numel: int) -> list[tuple[int, int]]:
     return [(t, min(t + step, num_tasks)) for t in range(0, num_tasks, step)]
 
 
-def alpha_gradient_each(model: nn.Module, bank: MaskBank, x: torch.Tensor, objective: Objective = entropy,
+def alpha_gradient_each(model: nn.Module, bank: MaskBank, x: torch.Tensor, *, objective: Objective = entropy,
                         num_tasks: int | None = None, group_size: int = 1,
                         candidates: torch.Tensor | None = None) -> torch.Tensor:
     """∂objective/∂α at α uniform on the candidates, for every group of ``group_size`` consecutive images on its own.
 
     x: (N, ...) → (N/g, k): column j is ∂/∂α of task ``candidates[j]`` (default: the first ``num_tasks`` tasks,
-    all by default). Row i equals ``alpha_gradient(model, bank, x[g·i : g·(i+1)], α)[1][candidates]`` (the group's
-    mean objective), exactly, without one backward per group: with every layer's input a_b and output gradient
-    δ_b from one backward of Σ_b objective_b,
+    all by default). Row i equals ``alpha_gradient(model, bank, x[g·i : g·(i+1)], alphas=α)[1][candidates]``
+    (the group's mean objective), exactly, without one backward per group: with every layer's input a_b and
+    output gradient δ_b from one backward of Σ_b objective_b,
 
         ∂objective_b/∂α_t = Σ_layers δ_bᵀ (W ⊙ M_t) a_b        (group_size = 1: per image, batched matmuls)
         ∂mean_g/∂α_t     = Σ_layers ⟨(1/g) Σ_b δ_b a_bᵀ ⊙ W, M_t⟩   (groups: one matrix product with the masks)
@@ -220,7 +238,7 @@ def _add_per_image(out: torch.Tensor, a: torch.Tensor, delta: torch.Tensor, weig
         step = max(1, FLOATS_PER_BLOCK // ((t1 - t0) * outs))
         for i in range(0, a.shape[0], step):
             projected = (a[i:i + step] @ masked.view(-1, ins).T).view(-1, t1 - t0, outs)  # (b, Tc, o)
-            out[i:i + step, t0:t1] += (projected * delta[i:i + step, None, :]).sum(-1)
+            out[i:i + step, t0:t1] += torch.bmm(projected, delta[i:i + step, :, None]).squeeze(2)
 
 
 def _add_per_group(out: torch.Tensor, a: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor,
@@ -234,21 +252,22 @@ def _add_per_group(out: torch.Tensor, a: torch.Tensor, delta: torch.Tensor, weig
         out[:, t0:t1] += weighted @ unpack_float(packed.index_select(0, tasks[t0:t1]), weight.numel(), weight.dtype).T
 
 
-def one_shot_each(model: nn.Module, bank: MaskBank, x: torch.Tensor, objective: Objective = entropy,
+def one_shot_each(model: nn.Module, bank: MaskBank, x: torch.Tensor, *, objective: Objective = entropy,
                   num_tasks: int | None = None, group_size: int = 1) -> torch.Tensor:
     """One-Shot inference for every group of ``group_size`` images on its own: (N, ...) → tasks (N/g,) int64.
 
-    Row i equals ``one_shot(model, bank_T, x[g·i : g·(i+1)], objective)`` over the first T = ``num_tasks`` masks.
+    Row i equals ``one_shot(model, bank, x[g·i : g·(i+1)], objective=objective, num_tasks=num_tasks)``.
     """
-    return alpha_gradient_each(model, bank, x, objective, num_tasks, group_size).argmin(1)
+    return alpha_gradient_each(model, bank, x, objective=objective, num_tasks=num_tasks,
+                               group_size=group_size).argmin(1)
 
 
-def binary_search_each(model: nn.Module, bank: MaskBank, x: torch.Tensor, objective: Objective = entropy,
+def binary_search_each(model: nn.Module, bank: MaskBank, x: torch.Tensor, *, objective: Objective = entropy,
                        num_tasks: int | None = None, group_size: int = 1) -> torch.Tensor:
     """Binary search for every group of ``group_size`` images on its own: (N, ...) → tasks (N/g,) int64.
 
-    Row i equals ``binary_search(model, bank, x[g·i : g·(i+1)], objective, num_tasks)``. Every step keeps
-    ⌈k/2⌉ candidates per group; groups that share a candidate set share one batched gradient call.
+    Row i equals ``binary_search(model, bank, x[g·i : g·(i+1)], objective=objective, num_tasks=num_tasks)``.
+    Every step keeps ⌈k/2⌉ candidates per group; groups that share a candidate set share one batched gradient call.
     """
     check_images(x)
     if group_size < 1 or x.shape[0] % group_size:
@@ -261,8 +280,8 @@ def binary_search_each(model: nn.Module, bank: MaskBank, x: torch.Tensor, object
         sets, which = torch.unique(alive, dim=0, return_inverse=True)
         for s, candidates in enumerate(sets):
             members = torch.nonzero(which == s).squeeze(1)
-            grads = alpha_gradient_each(model, bank, images[members.to(x.device)].flatten(0, 1), objective,
-                                        group_size=group_size, candidates=candidates)
+            grads = alpha_gradient_each(model, bank, images[members.to(x.device)].flatten(0, 1),
+                                        objective=objective, group_size=group_size, candidates=candidates)
             order = torch.sort(grads.to(alive.device), dim=1, stable=True).indices[:, :kept.shape[1]]
             kept[members] = candidates[order].sort(dim=1).values  # as binary_search_step, per group
         alive = kept

@@ -194,8 +194,8 @@ class MaskBank:
                             f"got {type(network).__name__}; MaskBank.for_model(model) builds one for a model")
         self.network, self.stream = network, None if stream is None else dict(stream)
         self.device = resolve_device(device)
-        self.version = 0
         self._len = 0
+        self.version = 0  # bumped by every append and replace: caches of derived tensors key on it
         self._storage = {name: torch.zeros(0, packed_size(math.prod(s)), dtype=torch.uint8, device=self.device)
                          for name, s in network.shapes}
 

@@ -55,7 +55,7 @@ def alpha_readout(model: nn.Module, bank: MaskBank, x: torch.Tensor, alphas: tor
     if x.shape[0] != 1:
         raise ValueError(f"the explorer looks at one image at a time: x must be (1, ...), got {tuple(x.shape)}")
     alphas = alphas.to(bank.device)
-    value, grad = alpha_gradient(model, bank, x, alphas)
+    value, grad = alpha_gradient(model, bank, x, alphas=alphas)
     with torch.no_grad():
         probs = torch.softmax(masked_forward(model, superposed_weights(model, bank, alphas), x), dim=1)[0]
     return AlphaReadout(alphas.cpu(), probs.cpu(), float(value), grad.cpu())

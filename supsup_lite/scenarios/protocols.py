@@ -21,13 +21,13 @@ from tqdm.auto import tqdm
 
 from ..core.inference import (
     Objective,
-    alpha_gradient_each,
     binary_search,
     binary_search_each,
     entropy,
     first_tasks,
     is_fully_connected,
     one_shot,
+    one_shot_each,
 )
 from ..core.masks import MaskBank, apply_masks
 from ..core.models import masked_forward
@@ -81,10 +81,11 @@ def infer_tasks(model: nn.Module, bank: MaskBank, x: torch.Tensor, group_size: i
         raise ValueError(f"group_size must be ≥ 1 and divide the {x.shape[0]} images, got {group_size}")
     if is_fully_connected(model):
         if method == "binary":
-            return binary_search_each(model, bank, x, objective, num_tasks, group_size)
-        return alpha_gradient_each(model, bank, x, objective, num_tasks, group_size).argmin(1)
+            return binary_search_each(model, bank, x, objective=objective, num_tasks=num_tasks,
+                                      group_size=group_size)
+        return one_shot_each(model, bank, x, objective=objective, num_tasks=num_tasks, group_size=group_size)
     search = one_shot if method == "one_shot" else binary_search
-    return torch.tensor([search(model, bank, x[i:i + group_size], objective, num_tasks)
+    return torch.tensor([search(model, bank, x[i:i + group_size], objective=objective, num_tasks=num_tasks)
                          for i in range(0, x.shape[0], group_size)], dtype=torch.long)
 
 
