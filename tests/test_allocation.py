@@ -139,7 +139,7 @@ def test_nns_accuracy_matches_a_plain_shared_label_loop(run, permuted):
     # Bank of 2 masks (tasks 0, 1); data task 2 has no mask of its own: shared labels still score its batches.
     model, _, banks = run
     bank = banks[2]
-    result = nns_accuracy(model, bank, permuted, [1, 2], batch_size=1000, seed=3)
+    result = nns_accuracy(model, bank, permuted, tasks=[1, 2], batch_size=1000, seed=3)
     for task, accuracy, inferred in zip(result.tasks, result.per_task, result.inferred):
         x, y = shuffled_test_set(permuted, task, 3)
         correct, chosen = 0, []
@@ -155,15 +155,15 @@ def test_nns_accuracy_matches_a_plain_shared_label_loop(run, permuted):
 
 def test_nns_accuracy_equals_gnu_when_every_batch_is_inferred_right_and_never_less(run, permuted):
     model, _, banks = run
-    nns = nns_accuracy(model, banks[2], permuted, [0, 1], batch_size=500)
-    gnu = gnu_accuracy(model, banks[2], permuted, [0, 1], batch_size=500)
+    nns = nns_accuracy(model, banks[2], permuted, tasks=[0, 1], batch_size=500)
+    gnu = gnu_accuracy(model, banks[2], permuted, tasks=[0, 1], batch_size=500)
     assert nns.inferred == gnu.inferred
     for task, inferred, a_nns, a_gnu in zip(nns.tasks, nns.inferred, nns.per_task, gnu.per_task):
         assert a_nns >= a_gnu
         if all(mask == task for mask in inferred):
             assert a_nns == pytest.approx(a_gnu)
     with pytest.raises(IndexError):
-        nns_accuracy(model, banks[2], permuted, [9])
+        nns_accuracy(model, banks[2], permuted, tasks=[9])
 
 
 def test_learn_tasks_rejects_snapshots_outside_the_stream(permuted):

@@ -67,7 +67,7 @@ def test_a_checkpoint_is_the_gnu_protocol_on_the_masks_learned_so_far(uninterrup
         expected = gnu_accuracy(run.model, first_two, run.stream, objective=fn, seed=0)
         record = run.result(2, objective)
         assert record["per_task_gnu_accuracy"] == pytest.approx(expected.per_task, abs=1e-5)
-        assert record["task_inference_accuracy"] == pytest.approx(expected.task_accuracy, abs=1e-6)
+        assert record["task_inference_accuracy"] == pytest.approx(expected.inference_accuracy, abs=1e-6)
     for task in range(2):
         first = experiments.first_test_images(run.stream, task, 128, 0)
         assert torch.equal(first, shuffled_test_set(run.stream, task, 0)[0][::128])
@@ -260,7 +260,7 @@ def test_sampled_checkpoint_is_the_gnu_protocol_on_the_sample_and_its_interval_h
     low, high = record["ci95"]["gnu_accuracy"]
     assert low <= full.accuracy <= high
     low, high = record["ci95"]["task_inference_accuracy"]
-    assert low <= full.task_accuracy <= high
+    assert low <= full.inference_accuracy <= high
     low, high = record["ci95"]["gg_accuracy"]
     assert low <= sum(full.given) / 6 <= high
     first = run.result(3, "G")  # T = 3 ≤ sample_tasks: every task, a sample of batches
@@ -322,7 +322,7 @@ def test_nns_checkpoint_is_nns_accuracy_of_that_moments_masks(nns_uninterrupted)
     out, results = nns_uninterrupted
     run = NNsRun(NNsConfig(**NNS), out, progress=False)
     final = run.result(4, "H")
-    expected = nns_accuracy(run.model, run.learner.bank(), run.stream, final["evaluated_tasks"], batches=4)
+    expected = nns_accuracy(run.model, run.learner.bank(), run.stream, tasks=final["evaluated_tasks"], batches=4)
     assert final["per_task_nns_accuracy"] == pytest.approx(expected.per_task, abs=1e-5)
     assert final["masks"] == 3 and final["skipped_checks"] > 0  # the budget of 3 masks is spent: checks skipped
     assert final["ci95"]["nns_accuracy"][0] <= final["nns_accuracy"] <= final["ci95"]["nns_accuracy"][1]

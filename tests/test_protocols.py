@@ -29,7 +29,7 @@ def test_gnu_matches_the_papers_loop(trained_bank, permuted):
 def test_gnu_from_whole_batches_equals_gg(trained_bank, permuted):
     model, bank = trained_bank
     result = gnu_accuracy(model, bank, permuted, tasks=[0, 2], batch_size=1000, infer_from="batch")
-    assert result.task_accuracy == 1.0
+    assert result.inference_accuracy == 1.0
     assert result.per_task == pytest.approx(gg_accuracy(model, bank, permuted, tasks=[0, 2]), abs=1e-6)
 
 
@@ -44,15 +44,15 @@ def test_gns_classifies_with_the_inferred_mask(trained_bank, permuted):
 def test_task_inference_accuracy_binary_and_one_shot(trained_bank, permuted):
     model, bank = trained_bank
     one = task_inference_accuracy(model, bank, permuted, samples_per_task=2, group_size=32)
-    binary = task_inference_accuracy(model, bank, permuted, samples_per_task=2, group_size=32, method="binary")
-    assert one.task_accuracy == 1.0 and binary.task_accuracy == 1.0
+    binary = task_inference_accuracy(model, bank, permuted, samples_per_task=2, group_size=32, search="binary")
+    assert one.inference_accuracy == 1.0 and binary.inference_accuracy == 1.0
     assert binary.per_task == [1.0] * len(bank)
 
 
 def test_bad_arguments(trained_bank, permuted):
     model, bank = trained_bank
-    with pytest.raises(ValueError, match="method"):
-        infer_tasks(model, bank, torch.zeros(2, 784), method="bisect")
+    with pytest.raises(ValueError, match="search must be one of"):
+        infer_tasks(model, bank, torch.zeros(2, 784), search="bisect")
     with pytest.raises(ValueError, match="infer_from"):
         gnu_accuracy(model, bank, permuted, infer_from="last")
     with pytest.raises(ValueError, match="tasks"):

@@ -19,7 +19,7 @@ from ..core.storage import SEED_BYTES, dense_bytes
 from ..core.training import fit, predict
 from ..data.mnist import TaskStream
 from ..data.unshared import UnsharedLabels
-from ..scenarios.continual import ContinualMethod, SupSupGG
+from ..scenarios.continual import ContinualMethod, FineTuning, SupSupGG
 from ..scenarios.protocols import infer_batches, predict_batches
 from .context import (
     RankOne,
@@ -37,7 +37,6 @@ from .regularisers import (
     PenalisedOptimizer,
     SynapticIntelligence,
     fisher_diagonal,
-    trainable_parameters,
 )
 
 
@@ -77,44 +76,24 @@ class _Trained(ContinualMethod):
         fit(forward, optimizer, batches, progress=self.progress, description=f"{self.name}, task {task}")
 
 
-class PenalisedFineTuning(_Trained):
-    """Fine-tuning (one network, every task in turn, RMSprop(lr)) plus a quadratic penalty: EWC and SI.
-
-    With a zero penalty this is ``continual.FineTuning`` step for step. ``predict`` ignores the task id (one
-    head); run it on :class:`UnsharedLabels` for scenario GNu.
+class PenalisedFineTuning(FineTuning):
+    """Fine-tuning plus a quadratic penalty (EWC, SI): ``continual.FineTuning`` whose optimiser adds ∇ penalty
+    before each step (:class:`PenalisedOptimizer`). ``predict`` ignores the task id (one head); run it on
+    :class:`UnsharedLabels` for scenario GNu. Subclasses define :meth:`penalty` and :meth:`end_task`.
     """
 
-    def __init__(self, model: nn.Module, stream: TaskStream, num_batches: int | None = 1000, batch_size: int = 128,
-                 lr: float = 1e-4, seed: int = 0, progress: bool = False) -> None:
-        super().__init__(stream, num_batches, batch_size, seed, progress)
-        self.model, self.lr = copy.deepcopy(model).requires_grad_(True), lr
-        self.params = trainable_parameters(self.model)
-
-    def begin_task(self, task: int) -> None:
-        """Called before training task ``task``."""
+    after_step: Callable[[Params, Params, Params], None] | None = None
 
     def penalty(self, params: Params) -> torch.Tensor:
         """The quadratic penalty added to the task loss."""
         raise NotImplementedError
 
-    after_step: Callable[[Params, Params, Params], None] | None = None
-
     def end_task(self, task: int) -> None:
         """Called after training task ``task`` (consolidation)."""
         raise NotImplementedError
 
-    def learn(self, task: int) -> None:  # noqa: D102
-        task = self.stream.check_task(task)
-        self.begin_task(task)
-        self.model.train()
-        optimizer = PenalisedOptimizer(torch.optim.RMSprop(self.params.values(), lr=self.lr), self.params,
-                                       self.penalty, self.after_step)
-        self._fit(task, self.model, optimizer)
-        self.model.eval()
-        self.end_task(task)
-
-    def predict(self, x: torch.Tensor, task: int | None) -> torch.Tensor:  # noqa: D102
-        return predict(self.model, None, x)
+    def optimizer(self) -> PenalisedOptimizer:  # noqa: D102
+        return PenalisedOptimizer(super().optimizer(), self.params, self.penalty, self.after_step)
 
 
 class OnlineEWCMethod(PenalisedFineTuning):
@@ -123,7 +102,7 @@ class OnlineEWCMethod(PenalisedFineTuning):
 
     name = "Online EWC"
 
-    def __init__(self, model: nn.Module, stream: TaskStream, lam: float, gamma: float = 1.0,
+    def __init__(self, model: nn.Module, stream: TaskStream, *, lam: float, gamma: float = 1.0,
                  fisher_samples: int = 1000, **training) -> None:
         super().__init__(model, stream, **training)
         if fisher_samples < 1:
@@ -148,7 +127,7 @@ class SIMethod(PenalisedFineTuning):
 
     name = "SI"
 
-    def __init__(self, model: nn.Module, stream: TaskStream, c: float, xi: float = 0.1, **training) -> None:
+    def __init__(self, model: nn.Module, stream: TaskStream, *, c: float, xi: float = 0.1, **training) -> None:
         super().__init__(model, stream, **training)
         self.si = SynapticIntelligence(c, xi)
         self.after_step = self.si.accumulate
@@ -321,7 +300,7 @@ class SupSupGNu(SupSupGG):
         """The inferred task of every batch of ``test_batch`` consecutive images of x (N, ...), each from its first
         ``infer_from`` images, by ``search`` over the tasks learned so far (``protocols.infer_batches``)."""
         rows = infer_batches(self.model, self.bank, x, batch_size=self.test_batch, infer_from=self.infer_from,
-                             method=self.search, objective=self.objective)
+                             search=self.search, objective=self.objective)
         task_of_row = {row: task for task, row in self.rows.items()}
         return [task_of_row[row] for row in rows.tolist()]
 

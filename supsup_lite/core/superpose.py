@@ -35,7 +35,7 @@ from .models import maskable_parameters
 
 try:  # the CPU kernels; CUDA needs only torch
     import numba
-except ImportError:  # pragma: no cover (numba is in requirements.txt)
+except ImportError:  # pragma: no cover (numba is a dependency in pyproject.toml)
     numba = None
 
 # CPU kernels (numba freezes these when it compiles: never change them at run time)
@@ -176,7 +176,7 @@ def _dot_kernel(packed: np.ndarray, rows: np.ndarray, vector: np.ndarray, tables
 def _cpu_kernels() -> tuple:
     """The numba-compiled CPU kernels (compiled lazily on first use, cached on disk)."""
     if numba is None:
-        raise ImportError("superposing a mask bank on CPU needs numba (it is in requirements.txt): pip install numba")
+        raise ImportError("superposing a mask bank on CPU needs numba (a dependency of supsup-lite): pip install numba")
     if "NUMBA_THREADING_LAYER" not in os.environ:  # numba's OpenMP workers keep spinning after a call and
         numba.config.THREADING_LAYER = "workqueue"  # compete with torch's threads for the same few cores
     jit = numba.njit(parallel=True, cache=True, boundscheck=False, nogil=True)

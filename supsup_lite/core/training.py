@@ -37,7 +37,7 @@ from tqdm.auto import tqdm
 from ..config import derive_seed
 from ..data.mnist import Batch, TaskStream
 from .masks import MaskBank, Masks, _topk_keep, final_masks, init_scores, supermask_weight, topk_supermask
-from .models import batched_masked_forward, maskable_parameters, masked_forward, output_size
+from .models import batched_masked_forward, maskable_parameters, masked_forward
 
 Forward = Callable[[torch.Tensor], torch.Tensor]
 RMSPROP_ALPHA, RMSPROP_EPS = 0.99, 1e-8  # torch.optim.RMSprop's defaults, as the authors use it

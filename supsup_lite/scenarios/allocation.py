@@ -265,12 +265,12 @@ def allocation_counts(log: Sequence[Check], num_tasks: int, num_masks: int) -> t
     return counts
 
 
-def nns_accuracy(model: nn.Module, bank: MaskBank, stream: TaskStream, tasks: Iterable[int],
-                 batch_size: int = 128, seed: int | None = 0, *, batches: int | None = None) -> ProtocolResult:
+def nns_accuracy(model: nn.Module, bank: MaskBank, stream: TaskStream, *, tasks: Iterable[int],
+                 batch_size: int = 128, seed: int | None = 0, batches: int | None = None) -> ProtocolResult:
     """The paper's Scenario NNs evaluation: One-Shot (H) with shared labels.
 
-    As in :func:`supsup_lite.scenarios.protocols.gnu_accuracy`, each data task's test set (shuffled by
-    ``seed + task``) is cut into batches of ``batch_size``, each batch's mask is inferred from its first image and
+    As in :func:`supsup_lite.scenarios.protocols.gnu_accuracy`, each data task's test set (in the order of
+    ``protocols.test_order``) is cut into batches of ``batch_size``, each batch's mask is inferred from its first image and
     the batch is classified with that mask; but a mask index that is not the task's own is not penalised (labels
     are shared, and in NNs the learner never knew which mask "belongs" to a task): :func:`gnu_score` with
     ``true_tasks=None``. Accuracy per task = correct / test size.

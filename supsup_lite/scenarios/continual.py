@@ -28,11 +28,11 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..core.masks import MaskBank, Masks, apply_masks
 from ..config import derive_seed
+from ..core.masks import MaskBank, Masks, apply_masks
 from ..core.models import build_model
 from ..core.storage import SEED_BYTES, dense_bytes
-from ..core.training import predict, train_dense, train_supermasks
+from ..core.training import fit, predict, train_dense, train_supermasks
 from ..data.mnist import Batch, TaskStream
 
 
@@ -278,21 +278,42 @@ class SupSupGG(ContinualMethod):
 
 
 class FineTuning(ContinualMethod):
-    """One dense network trained on every task in turn with RMSprop(lr): the naive baseline that forgets."""
+    """One dense network trained on every task in turn with RMSprop(lr): the naive baseline that forgets.
+
+    The one fine-tuning of the package: the regularised baselines (Online EWC, SI in ``supsup_lite.baselines``)
+    are this class with a penalty wrapped around its optimiser (:meth:`optimizer`) and consolidation in the
+    :meth:`begin_task` / :meth:`end_task` hooks. Task t's batches are seeded with ``derive_seed(seed, t, "batches")``.
+    """
 
     name = "fine-tuning"
 
-    def __init__(self, model: nn.Module, stream: TaskStream, num_batches: int | None = 1000, batch_size: int = 128,
+    def __init__(self, model: nn.Module, stream: TaskStream, *, num_batches: int | None = 1000, batch_size: int = 128,
                  lr: float = 1e-4, seed: int = 0, progress: bool = False) -> None:
         super().__init__(stream)
-        self.model = copy.deepcopy(model)
+        self.model = copy.deepcopy(model).requires_grad_(True)
+        self.params = {name: p for name, p in self.model.named_parameters() if p.requires_grad}
         self.num_batches, self.batch_size, self.lr, self.progress = num_batches, batch_size, lr, progress
         self.seed = seed
 
+    def optimizer(self) -> torch.optim.Optimizer:
+        """The optimiser of one task: a fresh RMSprop(lr) over every parameter."""
+        return torch.optim.RMSprop(self.params.values(), lr=self.lr)
+
+    def begin_task(self, task: int) -> None:
+        """Called before training task ``task`` (a hook for subclasses)."""
+
+    def end_task(self, task: int) -> None:
+        """Called after training task ``task`` (a hook for subclasses: consolidation)."""
+
     def learn(self, task: int) -> None:  # noqa: D102
-        train_dense(self.model, self.stream.train_batches(task, self.batch_size, self.num_batches,
-                                                          derive_seed(self.seed, task, "batches")),
-                    lr=self.lr, progress=self.progress, description=f"{self.name}, task {task}")
+        task = self.stream.check_task(task)
+        self.begin_task(task)
+        self.model.train()
+        batches = self.stream.train_batches(task, self.batch_size, self.num_batches,
+                                            derive_seed(self.seed, task, "batches"))
+        fit(self.model, self.optimizer(), batches, progress=self.progress, description=f"{self.name}, task {task}")
+        self.model.eval()
+        self.end_task(task)
 
     def predict(self, x: torch.Tensor, task: int | None) -> torch.Tensor:  # noqa: D102
         return predict(self.model, None, x)

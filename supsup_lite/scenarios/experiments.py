@@ -66,7 +66,7 @@ from ..core.models import ARCHITECTURES, frozen_random_model
 from ..core.training import predict, train_bank
 from ..data.mnist import PermutedMNIST, load_mnist
 from .allocation import EPSILON, Check, NNsLearner, nns_accuracy, task_sequence_batches
-from .protocols import correct_per_batch, gnu_score, infer_tasks, shuffled_test_set, task_weights
+from .protocols import correct_per_batch, gnu_score, infer_tasks, shuffled_test_set, task_weights, test_order
 
 OBJECTIVES: dict[str, Objective] = {"H": entropy, "G": superfluous_logsumexp}
 MODEL_ALIASES = {"lenet": "lenet_300_100", "fc1024": "fc_1024_1024"}
@@ -116,9 +116,9 @@ class GNuConfig:
     tasks: number of permutations learned; model: ``lenet_300_100`` | ``fc_1024_1024`` (aliases ``lenet``,
     ``fc1024``); outputs: s, the output size (> 10 for objective G); objectives: any of ``H`` (entropy) and
     ``G`` (superfluous logsumexp), evaluated on the same bank; batches, batch_size, lr: RMSprop training per task;
-    seed: base network seed, and task t's masks train with seed + t; data_seed: PermutedMNIST task t uses
-    ``RandomState(data_seed + t)`` (the paper's scripts: 1); test_batch_size, eval_seed: the evaluation
-    batches (task t's test images in the order ``randperm(generator=eval_seed + t)``); checkpoints: task counts
+    seed: base network seed and run seed of the masks (task t's scores and batches: ``derive_seed(seed, t, …)``);
+    data_seed: PermutedMNIST task t uses ``RandomState(data_seed + t)`` (the paper's scripts: 1); test_batch_size,
+    eval_seed: the evaluation batches (task t's test images in the order ``protocols.test_order``); checkpoints: task counts
     at which to evaluate (default :func:`paper_eval_ckpts`); save_every: K, tasks trained at once between saves;
     sample_tasks, sample_batches: evaluate a seeded sample of that many tasks / first test batches per task at
     each checkpoint (None: all, the paper's protocol).
@@ -229,7 +229,7 @@ def gg_batch_correct(model: nn.Module, bank: MaskBank, stream: PermutedMNIST, ta
                      seed: int) -> torch.Tensor:
     """Images that task ``task``'s own mask classifies right in each of its test batches: (⌈N/batch_size⌉,) float.
 
-    The batches are those of ``protocols.gnu_accuracy`` (test set shuffled by ``seed + task``).
+    The batches are those of ``protocols.gnu_accuracy`` (test set in the order of ``protocols.test_order``).
     """
     x, y = shuffled_test_set(stream, task, seed)
     return correct_per_batch(predict(model, task_weights(model, bank, task), x) == y, batch_size=batch_size)
@@ -239,7 +239,7 @@ def first_test_images(stream: PermutedMNIST, task: int, batch_size: int, seed: i
     """The first image of every test batch of ``protocols.shuffled_test_set(stream, task, seed)``, i.e. the images
     One-Shot sees: (⌈N/batch_size⌉, 784). Indexes before transforming, so the test set is never materialised."""
     images, _ = load_mnist(False, "cpu")
-    order = torch.randperm(images.shape[0], generator=torch.Generator().manual_seed(seed + task))
+    order = test_order(images.shape[0], task, seed)
     return stream.transform(task, images[order[::batch_size]].to(stream.device))
 
 
@@ -698,8 +698,9 @@ class NNsRun(_Session):
         num_batches = -(-self.stream.test_set(0)[1].shape[0] // c.test_batch_size)
         batches = min(c.sample_batches or num_batches, num_batches)
         sampled = len(evaluated) < tasks or batches < num_batches
-        result = nns_accuracy(self.model, self.learner.bank(), self.stream, evaluated, c.test_batch_size,
-                              c.eval_seed, batches=batches if batches < num_batches else None)
+        result = nns_accuracy(self.model, self.learner.bank(), self.stream, tasks=evaluated,
+                              batch_size=c.test_batch_size, seed=c.eval_seed,
+                              batches=batches if batches < num_batches else None)
         per_task = torch.tensor(result.per_task, dtype=torch.float64)
         per_batch = torch.tensor([row[:batches] for row in result.scored]) / c.test_batch_size
         by = "tasks" if len(evaluated) < tasks else "batches"

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..config import derive_seed
 from ..core.inference import (
     Objective,
     binary_search,
@@ -34,8 +35,8 @@ from ..core.models import masked_forward
 from ..core.training import evaluate, predict
 from ..data.mnist import TaskStream
 
-Method = Literal["one_shot", "binary"]
-METHODS = ("one_shot", "binary")
+Search = Literal["one_shot", "binary"]
+SEARCHES = ("one_shot", "binary")
 
 
 @dataclass
@@ -58,43 +59,52 @@ class ProtocolResult:
         return sum(self.per_task) / len(self.per_task)
 
     @property
-    def task_accuracy(self) -> float:
+    def inference_accuracy(self) -> float:
         """Fraction of inferences that chose the true task."""
         right = sum(sum(int(i == t) for i in inferred) for t, inferred in zip(self.tasks, self.inferred))
         return right / sum(len(inferred) for inferred in self.inferred)
 
 
-def check_method(method: str) -> None:
-    """Raise a clear error unless ``method`` is a known task-inference method."""
-    if method not in METHODS:
-        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+def check_search(search: str) -> None:
+    """Raise a clear error unless ``search`` is a known task-inference search ("one_shot" or "binary")."""
+    if search not in SEARCHES:
+        raise ValueError(f"search must be one of {SEARCHES}, got {search!r}")
 
 
-def infer_tasks(model: nn.Module, bank: MaskBank, x: torch.Tensor, group_size: int = 1, method: Method = "one_shot",
-                objective: Objective = entropy, num_tasks: int | None = None) -> torch.Tensor:
-    """The inferred task of every group of ``group_size`` consecutive images: (N, ...) → (N/g,) int64.
+def infer_tasks(model: nn.Module, bank: MaskBank, x: torch.Tensor, *, group_size: int = 1,
+                search: Search = "one_shot", objective: Objective = entropy,
+                num_tasks: int | None = None) -> torch.Tensor:
+    """The inferred task of every group of ``group_size`` consecutive images: (N, ...) → (N/g,) int64 on the bank's
+    device.
 
     One-Shot on a fully connected model is batched (exact); otherwise each group is inferred on its own.
     """
-    check_method(method)
+    check_search(search)
     if group_size < 1 or x.shape[0] % group_size:
         raise ValueError(f"group_size must be ≥ 1 and divide the {x.shape[0]} images, got {group_size}")
     if is_fully_connected(model):
-        if method == "binary":
+        if search == "binary":
             return binary_search_each(model, bank, x, objective=objective, num_tasks=num_tasks,
                                       group_size=group_size)
         return one_shot_each(model, bank, x, objective=objective, num_tasks=num_tasks, group_size=group_size)
-    search = one_shot if method == "one_shot" else binary_search
-    return torch.tensor([search(model, bank, x[i:i + group_size], objective=objective, num_tasks=num_tasks)
-                         for i in range(0, x.shape[0], group_size)], dtype=torch.long)
+    infer = one_shot if search == "one_shot" else binary_search
+    return torch.tensor([infer(model, bank, x[i:i + group_size], objective=objective, num_tasks=num_tasks)
+                         for i in range(0, x.shape[0], group_size)], dtype=torch.long, device=bank.device)
+
+
+def test_order(num_images: int, task: int, seed: int) -> torch.Tensor:
+    """The order in which a shuffled loader gives task ``task``'s ``num_images`` test images: a permutation (CPU
+    int64) seeded by ``derive_seed(seed, task, "evaluation")``."""
+    generator = torch.Generator().manual_seed(derive_seed(seed, task, "evaluation"))
+    return torch.randperm(num_images, generator=generator)
 
 
 def shuffled_test_set(stream: TaskStream, task: int, seed: int | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Task ``task``'s test set in the order a shuffled loader would give it (``seed + task``; None: file order)."""
+    """Task ``task``'s test set in the order of :func:`test_order` (None: file order)."""
     x, y = stream.test_set(task)
     if seed is None:
         return x, y
-    order = torch.randperm(y.shape[0], generator=torch.Generator().manual_seed(seed + task)).to(y.device)
+    order = test_order(y.shape[0], task, seed).to(y.device)
     return x[order], y[order]
 
 
@@ -113,21 +123,23 @@ def eval_tasks(bank: MaskBank, tasks: Iterable[int] | None, num_tasks: int | Non
     return tasks
 
 
-def gg_accuracy(model: nn.Module, bank: MaskBank, stream: TaskStream, tasks: Iterable[int] | None = None) -> list[float]:
+def gg_accuracy(model: nn.Module, bank: MaskBank, stream: TaskStream, *,
+                tasks: Iterable[int] | None = None) -> list[float]:
     """Scenario GG: accuracy of each task's own mask on its test set (task identity given)."""
     return [evaluate(model, task_weights(model, bank, t), *stream.test_set(t))
             for t in eval_tasks(bank, tasks, None)]
 
 
-def gns_accuracy(model: nn.Module, bank: MaskBank, stream: TaskStream, tasks: Iterable[int] | None = None,
-                 infer_images: int = 1, method: Method = "one_shot", objective: Objective = entropy,
+def gns_accuracy(model: nn.Module, bank: MaskBank, stream: TaskStream, *, tasks: Iterable[int] | None = None,
+                 infer_images: int = 1, search: Search = "one_shot", objective: Objective = entropy,
                  num_tasks: int | None = None, seed: int | None = 0) -> ProtocolResult:
     """Scenario GNs: infer each task once from its first ``infer_images`` (shuffled) test images, then classify
     the whole test set with the inferred mask (a wrong inference is scored with the wrong mask's accuracy)."""
     tasks = eval_tasks(bank, tasks, num_tasks)
     tests = [shuffled_test_set(stream, t, seed) for t in tasks]
     x = torch.cat([xt[:infer_images] for xt, _ in tests])
-    inferred = infer_tasks(model, bank, x, infer_images, method, objective, num_tasks).tolist()
+    inferred = infer_tasks(model, bank, x, group_size=infer_images, search=search, objective=objective,
+                           num_tasks=num_tasks).tolist()
     per_task = [evaluate(model, task_weights(model, bank, i), xt, yt) for i, (xt, yt) in zip(inferred, tests)]
     return ProtocolResult(tasks, per_task, [[i] for i in inferred])
 
@@ -179,7 +191,7 @@ def padded(rows: Sequence[torch.Tensor], *, fill: float = 0) -> torch.Tensor:
 
 
 def infer_batches(model: nn.Module, bank: MaskBank, x: torch.Tensor, *, batch_size: int,
-                  infer_from: int | None = 1, method: Method = "one_shot", objective: Objective = entropy,
+                  infer_from: int | None = 1, search: Search = "one_shot", objective: Objective = entropy,
                   num_tasks: int | None = None) -> torch.Tensor:
     """The inferred task (bank row) of each batch of ``batch_size`` consecutive images of x (N, ...): (⌈N/B⌉,) CPU
     int64, each from the batch's first ``infer_from`` images (None: the whole batch; a last batch shorter than
@@ -190,10 +202,12 @@ def infer_batches(model: nn.Module, bank: MaskBank, x: torch.Tensor, *, batch_si
     take = batch_size if infer_from is None else infer_from
     groups = [x[start:start + take] for start in range(0, x.shape[0], batch_size)]
     full = [g for g in groups if g.shape[0] == take]
-    parts = [infer_tasks(model, bank, torch.cat(full), take, method, objective, num_tasks).cpu()] if full else []
+    parts = [infer_tasks(model, bank, torch.cat(full), group_size=take, search=search,
+                                     objective=objective, num_tasks=num_tasks).cpu()] if full else []
     if len(full) < len(groups):  # only the last batch can be shorter
         last = groups[-1]
-        parts.append(infer_tasks(model, bank, last, last.shape[0], method, objective, num_tasks).cpu())
+        parts.append(infer_tasks(model, bank, last, group_size=last.shape[0], search=search, objective=objective,
+                                 num_tasks=num_tasks).cpu())
     return torch.cat(parts)
 
 
@@ -214,11 +228,11 @@ def predict_batches(model: nn.Module, bank: MaskBank, x: torch.Tensor, inferred:
     return labels
 
 
-def gnu_accuracy(model: nn.Module, bank: MaskBank, stream: TaskStream, tasks: Iterable[int] | None = None,
+def gnu_accuracy(model: nn.Module, bank: MaskBank, stream: TaskStream, *, tasks: Iterable[int] | None = None,
                  batch_size: int = 128, infer_from: Literal["first", "batch"] = "first",
-                 method: Method = "one_shot", objective: Objective = entropy, num_tasks: int | None = None,
+                 search: Search = "one_shot", objective: Objective = entropy, num_tasks: int | None = None,
                  seed: int | None = 0, progress: bool = False) -> ProtocolResult:
-    """The paper's GNu protocol: per task, test batches of ``batch_size`` (shuffled by ``seed + task``); the
+    """The paper's GNu protocol: per task, test batches of ``batch_size`` (shuffled by :func:`shuffled_test_set`); the
     task of a batch is inferred from its first image (``infer_from="first"``, the paper) or from the whole batch;
     the batch is classified with the inferred mask, and a wrongly inferred batch scores 0 (:func:`gnu_score`).
     Accuracy per task = correct / test-set size. ``num_tasks``: search only the first k masks of the bank (a
@@ -237,10 +251,11 @@ def gnu_accuracy(model: nn.Module, bank: MaskBank, stream: TaskStream, tasks: It
         if infer_from == "first":
             firsts.append(x[::batch_size])
         else:
-            chosen.append(infer_batches(model, bank, x, batch_size=batch_size, infer_from=None, method=method,
+            chosen.append(infer_batches(model, bank, x, batch_size=batch_size, infer_from=None, search=search,
                                         objective=objective, num_tasks=num_tasks))
     if infer_from == "first":  # all first images at once: one pass over the bank
-        chosen = infer_tasks(model, bank, torch.cat(firsts), 1, method, objective, num_tasks).cpu()
+        chosen = infer_tasks(model, bank, torch.cat(firsts), search=search, objective=objective,
+                             num_tasks=num_tasks).cpu()
         chosen = list(chosen.split([f.shape[0] for f in firsts]))
     correct_table = padded(correct)
     chosen_table = padded(chosen, fill=-1)
@@ -251,13 +266,13 @@ def gnu_accuracy(model: nn.Module, bank: MaskBank, stream: TaskStream, tasks: It
                           [row[:c.numel()].tolist() for row, c in zip(scored, chosen)])
 
 
-def task_inference_accuracy(model: nn.Module, bank: MaskBank, stream: TaskStream,
+def task_inference_accuracy(model: nn.Module, bank: MaskBank, stream: TaskStream, *,
                             tasks: Iterable[int] | None = None, samples_per_task: int = 20, group_size: int = 1,
-                            method: Method = "one_shot", objective: Objective = entropy,
+                            search: Search = "one_shot", objective: Objective = entropy,
                             num_tasks: int | None = None, seed: int = 0) -> ProtocolResult:
     """How often inference finds the true task: for each task, ``samples_per_task`` groups of ``group_size``
-    distinct random test images (seeded by ``seed + task``), each inferred on its own. ``per_task`` holds the
-    fraction right per task."""
+    distinct random test images (seeded by ``derive_seed(seed, task, "evaluation")``), each inferred on its own.
+    ``per_task`` holds the fraction right per task."""
     tasks = eval_tasks(bank, tasks, num_tasks)
     inferred = []
     for t in tasks:
@@ -266,8 +281,9 @@ def task_inference_accuracy(model: nn.Module, bank: MaskBank, stream: TaskStream
         if needed > x.shape[0]:
             raise ValueError(f"{samples_per_task} groups of {group_size} images need {needed} test images; "
                              f"task {t} has {x.shape[0]}")
-        pick = torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(seed + t))[:needed]
-        inferred.append(infer_tasks(model, bank, x[pick.to(x.device)], group_size, method, objective,
-                                    num_tasks).tolist())
+        generator = torch.Generator().manual_seed(derive_seed(seed, t, "evaluation"))
+        pick = torch.randperm(x.shape[0], generator=generator)[:needed]
+        inferred.append(infer_tasks(model, bank, x[pick.to(x.device)], group_size=group_size, search=search,
+                                    objective=objective, num_tasks=num_tasks).tolist())
     per_task = [sum(int(i == t) for i in inf) / len(inf) for t, inf in zip(tasks, inferred)]
     return ProtocolResult(tasks, per_task, inferred)
