@@ -164,3 +164,17 @@ def test_missing_files_are_reported_as_missing(mnist_copy):
     (mnist_copy / "t10k-labels-idx1-ubyte").unlink()
     with pytest.raises(DataNotFoundError, match="SUPSUP_DATA"):
         mnist_module.load_mnist(False, "cpu")
+
+
+def test_inference_and_gg_refuse_a_bank_of_another_network(lenet, stream):
+    from supsup_lite.core.inference import one_shot
+    from supsup_lite.scenarios.protocols import gg_accuracy
+
+    bank = MaskBank.for_model(lenet)
+    bank.append({n: torch.ones(p.shape, dtype=torch.bool) for n, p in lenet.named_parameters()})
+    other = frozen_random_model("lenet_300_100", 10, seed=3, device="cpu")
+    x, _ = stream.test_set(0)
+    with pytest.raises(MaskBankError, match="masks only work on their own random network"):
+        one_shot(other, bank, x[:1])
+    with pytest.raises(MaskBankError, match="masks only work on their own random network"):
+        gg_accuracy(other, bank, stream)

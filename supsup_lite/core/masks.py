@@ -327,12 +327,17 @@ class MaskBank:
                 for name, numel in self.numels.items()}
 
     def check_compatible(self, model: nn.Module) -> None:
-        """Raise ``MaskBankError`` unless ``model`` is the base network the bank's masks were trained on."""
+        """Raise ``MaskBankError`` unless ``model`` is the base network the bank's masks were trained on, on the
+        bank's device."""
         network = NetworkFingerprint.of(model)
         if network != self.network:
             raise MaskBankError(f"this bank's masks were trained on {self.network.describe()}, but the model is "
                                 f"{network.describe()}; masks only work on their own random network: rebuild "
                                 f"the model with the bank's architecture and seed, or train a new bank")
+        model_device = next(iter(maskable_parameters(model).values())).device
+        if model_device != self.device:
+            raise MaskBankError(f"the bank is on {self.device} but the model on {model_device}: move the bank with "
+                                f"bank = bank.to({str(model_device)!r})")
 
     def check_stream(self, stream: "TaskStream") -> None:
         """Raise ``MaskBankError`` unless ``stream`` defines the tasks the bank was trained on (when recorded)."""

@@ -395,6 +395,7 @@ def superposed_weights(model: nn.Module, bank: MaskBank, alphas: torch.Tensor) -
     The backward gives ∂L/∂α_t = ⟨∂L/∂W_eff ⊙ W, M_t⟩ straight from the packed bank. α uniform on a prefix of
     the tasks (One-Shot) reuses the cached count of :func:`uniform_counts`.
     """
+    bank.check_compatible(model)
     check_alphas(bank, alphas)
     params = maskable_parameters(model)
     prefix = uniform_prefix(alphas.detach())

@@ -109,7 +109,8 @@ def shuffled_test_set(stream: TaskStream, task: int, seed: int | None) -> tuple[
 
 
 def task_weights(model: nn.Module, bank: MaskBank, task: int) -> dict[str, torch.Tensor]:
-    """Effective weights W ⊙ M_task of one stored task."""
+    """Effective weights W ⊙ M_task of one stored task (the bank must belong to ``model``)."""
+    bank.check_compatible(model)
     return apply_masks(model, bank.get(task))
 
 
