@@ -29,7 +29,7 @@ KERNELSPEC = {"name": "python3", "display_name": "Python 3 (ipykernel)", "langua
 
 WIDGET_VIEW = "application/vnd.jupyter.widget-view+json"
 
-TQDM_TEXT = re.compile(r"\d+%\|.*\|.*\[")
+TQDM_TEXT = re.compile(r"\[\d+:\d\d[<,]")  # "[00:03<00:10, ..." (known total) or "[00:03, ..." (unknown)
 
 ANSI_COLOUR = re.compile(r"\x1b\[[0-9;]*m")
 
@@ -39,7 +39,8 @@ class NotebookError(Exception):
 
 
 def is_dead_progress_bar(output: nbformat.NotebookNode) -> bool:
-    """A tqdm.auto bar saved from a headless run: a widget view without state, shown as '  0%|  | 0/20 [...'."""
+    """A tqdm.auto bar saved from a headless run: a widget view without state, shown as '  0%|  | 0/20 [00:00<...'
+    or, without a known total, as '0it [00:00, ...'."""
     data = output.get("data", {})
     return WIDGET_VIEW in data and bool(TQDM_TEXT.search("".join(data.get("text/plain", ""))))
 

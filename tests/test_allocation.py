@@ -130,8 +130,8 @@ def test_bank_includes_the_live_mask_and_references_are_initial_masks(run):
 def test_task_sequence_batches_labels_and_reseeds_each_segment(permuted):
     seen = list(task_sequence_batches(permuted, [3, 3], batches_per_task=2, batch_size=8, seed=5))
     assert [t for t, _, _ in seen] == [3, 3, 3, 3]
-    x0, _ = next(permuted.train_batches(3, 8, 1, seed=derive_seed(5, 0, "batches")))
-    x1, _ = next(permuted.train_batches(3, 8, 1, seed=derive_seed(5, 1, "batches")))
+    x0, _ = next(iter(permuted.train_batches(3, 8, 1, seed=derive_seed(5, 0, "batches"))))
+    x1, _ = next(iter(permuted.train_batches(3, 8, 1, seed=derive_seed(5, 1, "batches"))))
     assert torch.equal(seen[0][1], x0) and torch.equal(seen[2][1], x1)
 
 

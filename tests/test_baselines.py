@@ -241,7 +241,7 @@ def test_unshared_labels_shift_each_task_and_keep_the_inputs(permuted):
     x, y = unshared.test_set(3)
     bx, by = permuted.test_set(3)
     assert torch.equal(x, bx) and torch.equal(y, by + 30)
-    (tx, ty), (btx, bty) = next(unshared.train_batches(2, 16, 1, seed=4)), next(permuted.train_batches(2, 16, 1, seed=4))
+    (tx, ty), (btx, bty) = next(iter(unshared.train_batches(2, 16, 1, seed=4))), next(iter(permuted.train_batches(2, 16, 1, seed=4)))
     assert torch.equal(tx, btx) and torch.equal(ty, bty + 20)
     with pytest.raises(TypeError, match="already unshared"):
         UnsharedLabels(unshared)

@@ -118,9 +118,9 @@ def test_train_batches_cover_the_task_once_per_epoch_and_are_seeded(fake_cifar):
     assert sorted(order) == list(range(20))
     again = list(stream.train_batches(2, batch_size=8, seed=5))
     assert all(torch.equal(a[0], b[0]) for a, b in zip(again, stream.train_batches(2, batch_size=8, seed=5)))
-    other = next(stream.train_batches(2, batch_size=8, seed=6))
+    other = next(iter(stream.train_batches(2, batch_size=8, seed=6)))
     assert not torch.equal(other[0], again[0][0])
-    assert next(stream.train_batches(2, batch_size=8, num_batches=5))[0].shape == (8, 3, 32, 32)
+    assert next(iter(stream.train_batches(2, batch_size=8, num_batches=5)))[0].shape == (8, 3, 32, 32)
 
 
 def test_crop_flip_matches_torchvision_per_image():
@@ -141,8 +141,8 @@ def test_crop_flip_matches_torchvision_per_image():
 def test_augmented_batch_equals_torchvision_pipeline_on_pil_images(fake_cifar):
     """RandomCrop(32, 4) + HFlip + ToTensor + Normalize on PIL images, with the offsets our generator drew."""
     stream = SplitCIFAR100(num_tasks=2, seed=0, device="cpu")
-    plain = next(stream.train_batches(1, batch_size=10, seed=3, augment=False))
-    augmented = next(stream.train_batches(1, batch_size=10, seed=3))
+    plain = next(iter(stream.train_batches(1, batch_size=10, seed=3, augment=False)))
+    augmented = next(iter(stream.train_batches(1, batch_size=10, seed=3)))
     g = torch.Generator().manual_seed(3)
     top, left, flip = crop_flip_params(10, g)
     raw = (plain[0] * torch.tensor(CIFAR_STD).view(1, 3, 1, 1) + torch.tensor(CIFAR_MEAN).view(1, 3, 1, 1)) * 255

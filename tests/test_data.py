@@ -46,7 +46,7 @@ def test_bad_task_index_names_the_valid_range(permuted):
     with pytest.raises(IndexError, match=r"tasks 0\.\.4"):
         permuted.test_set(5)
     with pytest.raises(IndexError, match=r"tasks 0\.\.4"):
-        next(permuted.train_batches(-1))
+        next(iter(permuted.train_batches(-1)))
     with pytest.raises(TypeError, match="int"):
         permuted.test_set(1.5)
 
@@ -61,9 +61,9 @@ def test_train_batches_walk_epochs_like_a_dataloader(permuted):
 
 
 def test_train_batches_are_seeded(permuted):
-    a = next(permuted.train_batches(1, 64, seed=3))
-    b = next(permuted.train_batches(1, 64, seed=3))
-    c = next(permuted.train_batches(1, 64, seed=4))
+    a = next(iter(permuted.train_batches(1, 64, seed=3)))
+    b = next(iter(permuted.train_batches(1, 64, seed=3)))
+    c = next(iter(permuted.train_batches(1, 64, seed=4)))
     assert torch.equal(a[0], b[0]) and not torch.equal(a[0], c[0])
 
 
@@ -90,7 +90,7 @@ def test_split_mnist_tasks_hold_two_digits_with_original_labels():
     for task in range(5):
         _, y = stream.test_set(task)
         assert set(y.unique().tolist()) == {2 * task, 2 * task + 1}
-        _, yb = next(stream.train_batches(task, 256))
+        _, yb = next(iter(stream.train_batches(task, 256)))
         assert set(yb.unique().tolist()) <= {2 * task, 2 * task + 1}
     assert sum(stream.num_train(t) for t in range(5)) == 60000
     with pytest.raises(ValueError, match="at most 5"):

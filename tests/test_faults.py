@@ -64,7 +64,7 @@ def test_task_indices(stream, task, error, fragment):
 ])
 def test_batch_settings(stream, kwargs, error, fragment):
     with pytest.raises(error, match=fragment):
-        next(stream.train_batches(0, **kwargs))
+        next(iter(stream.train_batches(0, **kwargs)))
 
 
 def test_bank_task_indices(lenet):

@@ -34,7 +34,7 @@ def test_stacked_scores_are_the_per_task_initialisations(lenet):
 
 def test_one_batched_step_gives_each_task_its_own_gradient(lenet, permuted):
     seeds, tasks = [0, 1, 2], [0, 3, 1]
-    batches = [next(permuted.train_batches(t, 32, 1, s)) for t, s in zip(tasks, seeds)]
+    batches = [next(iter(permuted.train_batches(t, 32, 1, s))) for t, s in zip(tasks, seeds)]
     stacked = stacked_scores(lenet, seeds)
     x, y = torch.stack([b[0] for b in batches]), torch.stack([b[1] for b in batches])
     logits = batched_masked_forward(lenet, masked_weights(lenet, stacked), x)

@@ -113,7 +113,8 @@ class OnlineEWCMethod(PenalisedFineTuning):
         return self.ewc.penalty(params)
 
     def end_task(self, task: int) -> None:  # noqa: D102
-        x, _ = next(self.stream.train_batches(task, self.fisher_samples, 1, derive_seed(self.seed, task, "penalty")))
+        x, _ = next(iter(self.stream.train_batches(task, self.fisher_samples, 1,
+                                                   derive_seed(self.seed, task, "penalty"))))
         self.ewc.consolidate(self.params, fisher_diagonal(self.model, x))
 
     def storage_bytes(self) -> int:

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from ..config import data_root, resolve_device
-from .mnist import Batch, DataNotFoundError, TaskStream, not_found_message
+from .mnist import Batch, Batches, DataNotFoundError, TaskStream, not_found_message
 
 NUM_CIFAR100_CLASSES = 100
 IMAGE_SHAPE = (3, 32, 32)
@@ -177,12 +177,18 @@ class SplitCIFAR100(TaskStream):
         return crop_flip(x, *crop_flip_params(x.shape[0], generator), fill=self._fill)
 
     def train_batches(self, task: int, batch_size: int = 128, num_batches: int | None = None,
-                      seed: int = 0, augment: bool = True) -> Iterator[Batch]:
+                      seed: int = 0, augment: bool = True) -> Batches:
         """Shuffled, augmented training batches (x (B, 3, 32, 32), y (B,)) of task ``task``.
 
         Order as :meth:`TaskStream.train_batches` (whole epochs, last partial batch kept); the augmentation
         draws from a second ``torch.Generator`` seeded with ``seed``.
         """
-        generator = torch.Generator().manual_seed(seed)
-        for x, y in super().train_batches(task, batch_size, num_batches, seed):
-            yield (self.augment(x, generator) if augment else x), y
+        plain = super().train_batches(task, batch_size, num_batches, seed)
+        if not augment:
+            return plain
+
+        def augmented() -> Iterator[Batch]:
+            generator = torch.Generator().manual_seed(seed)
+            return ((self.augment(x, generator), y) for x, y in plain)
+
+        return Batches(augmented, len(plain))

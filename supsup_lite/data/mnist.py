@@ -11,7 +11,7 @@ import hashlib
 import math
 from functools import lru_cache
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
@@ -193,20 +193,25 @@ class TaskStream:
         return self._split(task, train=True)[1].shape[0]
 
     def train_batches(self, task: int, batch_size: int = 128, num_batches: int | None = None,
-                      seed: int = 0) -> Iterator[Batch]:
-        """Shuffled training batches of task ``task``: (x (B, 784), y (B,)) on the device.
+                      seed: int = 0) -> "Batches":
+        """Shuffled training batches of task ``task``: (x (B, 784), y (B,)) on the device, ``len`` of them.
 
         Walks whole epochs, each a fresh permutation from ``torch.Generator().manual_seed(seed)``, keeping an
         epoch's last partial batch (as a ``DataLoader`` with ``drop_last=False``). Stops after ``num_batches``
-        batches, or after one epoch when ``num_batches`` is None.
+        batches, or after one epoch when ``num_batches`` is None. Every pass over the result replays the same
+        batches.
         """
         batch_size = validation.integer("batch_size", batch_size, minimum=1)
         num_batches = validation.optional_integer("num_batches", num_batches, minimum=1)
-        images, labels = self._train
         subset = self._task_indices(self.check_task(task), train=True)
+        n = self._train[1].shape[0] if subset is None else subset.shape[0]
+        total = math.ceil(n / batch_size) if num_batches is None else num_batches
+        return Batches(lambda: self._batches(task, batch_size, total, seed, subset), total)
+
+    def _batches(self, task: int, batch_size: int, total: int, seed: int,
+                 subset: torch.Tensor | None) -> Iterator[Batch]:
+        images, labels = self._train
         n = labels.shape[0] if subset is None else subset.shape[0]
-        per_epoch = math.ceil(n / batch_size)
-        total = per_epoch if num_batches is None else num_batches
         generator = torch.Generator().manual_seed(seed)
         done = 0
         while done < total:
@@ -219,6 +224,26 @@ class TaskStream:
                 idx = order[start:start + batch_size]
                 yield self.transform(task, images[idx]), labels[idx]
                 done += 1
+
+
+class Batches:
+    """A finite, re-iterable sequence of training batches whose length is known (progress bars show an ETA).
+
+    ``make()`` starts one pass; every pass replays the same batches (its seeded generators restart).
+    """
+
+    def __init__(self, make: Callable[[], Iterator[Batch]], length: int) -> None:
+        self._make, self._length = make, length
+
+    def __iter__(self) -> Iterator[Batch]:
+        return self._make()
+
+    def __len__(self) -> int:
+        return self._length
+
+    def map(self, fn: Callable[[Batch], Batch]) -> "Batches":
+        """The same batches, each passed through ``fn``."""
+        return Batches(lambda: (fn(batch) for batch in self._make()), self._length)
 
 
 class PermutedMNIST(TaskStream):

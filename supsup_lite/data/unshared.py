@@ -5,11 +5,10 @@ the digit right but the task wrong scores zero.
 """
 from __future__ import annotations
 
-from typing import Iterator
 
 import torch
 
-from .mnist import Batch, TaskStream
+from .mnist import Batch, Batches, TaskStream
 
 
 
@@ -61,8 +60,8 @@ class UnsharedLabels(TaskStream):
         return self.base.num_train(task)
 
     def train_batches(self, task: int, batch_size: int = 128, num_batches: int | None = None,
-                      seed: int = 0) -> Iterator[Batch]:  # noqa: D102
-        for x, y in self.base.train_batches(task, batch_size, num_batches, seed):
-            yield x, self.shift(task, y)
+                      seed: int = 0) -> Batches:  # noqa: D102
+        batches = self.base.train_batches(task, batch_size, num_batches, seed)
+        return batches.map(lambda batch: (batch[0], self.shift(task, batch[1])))
 
 
