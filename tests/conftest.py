@@ -24,6 +24,12 @@ def permuted() -> PermutedMNIST:
     return PermutedMNIST(num_tasks=5, device="cpu")
 
 
+@pytest.fixture
+def permuted_on(permuted: PermutedMNIST, device: torch.device) -> PermutedMNIST:
+    """The session's PermutedMNIST stream, on ``device`` (the CPU one itself on the CPU)."""
+    return permuted if device.type == "cpu" else PermutedMNIST(num_tasks=5, device=device)
+
+
 @pytest.fixture(scope="session")
 def trained_bank(permuted: PermutedMNIST) -> tuple[torch.nn.Module, MaskBank]:
     """LeNet 300-100 (s=10) with 4 PermutedMNIST masks, each trained for 150 batches of 128."""

@@ -5,11 +5,11 @@ from supsup_lite.core.bits import pack_bits, packed_size, unpack_bits
 
 
 @pytest.mark.parametrize("numel", [1, 7, 8, 9, 784 * 300, 1001])
-def test_round_trip_is_exact(numel):
+def test_round_trip_is_exact(numel, device):
     g = torch.Generator().manual_seed(numel)
-    mask = torch.rand(3, numel, generator=g) < 0.5
+    mask = (torch.rand(3, numel, generator=g) < 0.5).to(device)
     packed = pack_bits(mask)
-    assert packed.dtype == torch.uint8 and packed.shape == (3, packed_size(numel))
+    assert packed.dtype == torch.uint8 and packed.shape == (3, packed_size(numel)) and packed.device == mask.device
     assert torch.equal(unpack_bits(packed, numel), mask)
 
 

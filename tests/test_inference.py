@@ -14,8 +14,8 @@ from supsup_lite.core.superpose import dense_max_tasks, superposed_mask_referenc
 DENSE_MAX_TASKS = dense_max_tasks(torch.device("cpu"))
 
 
-def random_bank(tasks: int, outputs: int = 20, seed: int = 0, same_masks: bool = False):
-    model = frozen_random_model("lenet_300_100", outputs, seed=0, device="cpu")
+def random_bank(tasks: int, outputs: int = 20, seed: int = 0, same_masks: bool = False, device: str = "cpu"):
+    model = frozen_random_model("lenet_300_100", outputs, seed=0, device=device)
     bank = MaskBank.for_model(model)
     g = torch.Generator().manual_seed(seed)
     masks = {n: torch.rand(p.shape, generator=g) < 0.5 for n, p in maskable_parameters(model).items()}
@@ -118,30 +118,31 @@ def reference_gradient(model, bank, x, alphas, objective=entropy):
 
 @pytest.mark.parametrize("tasks", [3, 30], ids=["dense path", "kernel path"])
 @pytest.mark.parametrize("objective", [entropy, g_objective])
-def test_alpha_gradient_equals_autograd_through_the_float_stack(tasks, objective):
-    assert (tasks > DENSE_MAX_TASKS) == (tasks == 30)  # 30 masks: cached counts + byte tables; 3: unpacked floats
-    model, bank = random_bank(tasks, seed=7)
+def test_alpha_gradient_equals_autograd_through_the_float_stack(tasks, objective, device):
+    assert (tasks > dense_max_tasks(device)) == (tasks == 30)  # 30 masks: counts + byte tables; 3: unpacked floats
+    model, bank = random_bank(tasks, seed=7, device=device)
     model = model.double()  # float64 throughout: the kernels must match the reference to float64 rounding
-    x = torch.randn(16, 784, generator=torch.Generator().manual_seed(8), dtype=torch.float64)
+    x = torch.randn(16, 784, generator=torch.Generator().manual_seed(8), dtype=torch.float64).to(device)
     g = torch.Generator().manual_seed(9)
-    for alphas in (uniform_alphas(bank), torch.rand(tasks, generator=g), uniform_alphas(bank, torch.arange(1, tasks))):
+    for alphas in (uniform_alphas(bank), torch.rand(tasks, generator=g).to(device),
+                   uniform_alphas(bank, torch.arange(1, tasks, device=device))):
         alphas = alphas.double()
         value, grad = alpha_gradient(model, bank, x, alphas=alphas, objective=objective)
         ref_value, ref_grad = reference_gradient(model, bank, x, alphas, objective)
         torch.testing.assert_close(value, ref_value)
         torch.testing.assert_close(grad, ref_grad)
-        rows = torch.tensor([tasks - 1, 0, 2])
+        rows = torch.tensor([tasks - 1, 0, 2], device=device)
         _, on_rows = gradient_on_rows(model, bank, x, alphas, rows=rows, objective=objective)
         torch.testing.assert_close(on_rows, grad[rows])
 
 
 @pytest.mark.parametrize("tasks", [3, 40], ids=["dense path", "kernel path"])
-def test_one_shot_and_binary_search_equal_the_float_stack_search(tasks):
-    assert (tasks > DENSE_MAX_TASKS) == (tasks == 40)
-    model, bank = random_bank(tasks, seed=10)
-    x = torch.randn(8, 784, generator=torch.Generator().manual_seed(11))
+def test_one_shot_and_binary_search_equal_the_float_stack_search(tasks, device):
+    assert (tasks > dense_max_tasks(device)) == (tasks == 40)
+    model, bank = random_bank(tasks, seed=10, device=device)
+    x = torch.randn(8, 784, generator=torch.Generator().manual_seed(11)).to(device)
     assert one_shot(model, bank, x) == int(reference_gradient(model, bank, x, uniform_alphas(bank))[1].argmin())
-    candidates = torch.arange(tasks)
+    candidates = torch.arange(tasks, device=device)
     while candidates.numel() > 1:
         candidates = binary_search_step(reference_gradient(model, bank, x, uniform_alphas(bank, candidates))[1],
                                         candidates)

@@ -50,9 +50,10 @@ def test_one_batched_step_gives_each_task_its_own_gradient(lenet, permuted):
 
 @pytest.mark.parametrize("keep_frac", [None, 0.3])
 @pytest.mark.parametrize("chunk", [1, 2, 3])
-def test_masks_at_once_equal_one_by_one_runs(lenet, permuted, keep_frac, chunk):
+def test_masks_at_once_equal_one_by_one_runs(permuted_on, keep_frac, chunk, device):
+    lenet = frozen_random_model("lenet_300_100", 10, seed=0, device=device)
     tasks, seeds = [0, 2, 4], [3, 1, 4]
-    batches = lambda t, s: permuted.train_batches(t, 64, 12, s)  # noqa: E731
+    batches = lambda t, s: permuted_on.train_batches(t, 64, 12, s)  # noqa: E731
     at_once = train_supermasks(lenet, [batches(t, s) for t, s in zip(tasks, seeds)], seeds=seeds,
                                keep_frac=keep_frac, chunk=chunk, progress=False)
     assert len(at_once.masks) == len(at_once.history) == 3

@@ -26,12 +26,12 @@ def reference_scores(model: nn.Module, batches, *, seed: int, keep_frac: float |
 
 
 @pytest.mark.parametrize("keep_frac", [None, 0.3])
-def test_fast_mlp_step_equals_the_plain_autograd_loop_bit_for_bit(permuted, keep_frac):
-    model = frozen_random_model("lenet_300_100", 10, seed=1, device="cpu")
+def test_fast_mlp_step_equals_the_plain_autograd_loop_bit_for_bit(permuted_on, keep_frac, device):
+    model = frozen_random_model("lenet_300_100", 10, seed=1, device=device)
     assert mlp_weights(model) is not None  # the hand-written step is the one under test
-    ours = train_supermask(model, permuted.train_batches(2, 64, 30, 7), seed=7, keep_frac=keep_frac, progress=False)
-    expected = final_masks(reference_scores(model, permuted.train_batches(2, 64, 30, 7), seed=7, keep_frac=keep_frac),
-                           keep_frac=keep_frac)
+    batches = permuted_on.train_batches(2, 64, 30, 7)
+    ours = train_supermask(model, batches, seed=7, keep_frac=keep_frac, progress=False)
+    expected = final_masks(reference_scores(model, batches, seed=7, keep_frac=keep_frac), keep_frac=keep_frac)
     for name in expected:
         assert torch.equal(ours.masks[0][name], expected[name]), name
 
