@@ -160,9 +160,10 @@ class GNuConfig:
 class NNsConfig:
     """One Scenario NNs PermutedMNIST run. Defaults: the authors' ``experiments/NNs/supsup.py`` (§4.3).
 
-    tasks data tasks are streamed one after another, ``batches`` batches of ``batch_size`` each (batches of the
-    i-th task drawn with seed ``seed + i``); the learner checks for a new task every ``check_every`` batches
-    (n·max softmax(−∂H/∂α) < 1 + ``epsilon``, padded to ``min_slots`` slots) and allocates at most ``budget``
+    tasks data tasks are streamed one after another, ``batches`` batches of ``batch_size`` each (the i-th task's
+    batches seeded with ``derive_seed(seed, i, "batches")``); the learner checks for a new task every
+    ``check_every`` batches (n·max softmax(−∂H/∂α) < 1 + ``epsilon``, padded to ``min_slots`` slots) and allocates
+    at most ``budget``
     masks; save_every: tasks between saves of the learner state. The other settings as in :class:`GNuConfig`.
     """
 
