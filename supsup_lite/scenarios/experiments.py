@@ -163,8 +163,7 @@ class NNsConfig:
     tasks data tasks are streamed one after another, ``batches`` batches of ``batch_size`` each (the i-th task's
     batches seeded with ``derive_seed(seed, i, "batches")``); the learner checks for a new task every
     ``check_every`` batches (n·max softmax(−∂H/∂α) < 1 + ``epsilon``, padded to ``min_slots`` slots) and allocates
-    at most ``budget``
-    masks; save_every: tasks between saves of the learner state. The other settings as in :class:`GNuConfig`.
+    at most ``budget`` masks; save_every: tasks between saves of the learner state. The other settings as in :class:`GNuConfig`.
     """
 
     tasks: int = 2500
