@@ -6,18 +6,22 @@ bad devices, bad masks, a bank meeting the wrong model or stream, damaged data f
 """
 from __future__ import annotations
 
+import io
+import json
+import os
 import shutil
 
 import pytest
 import torch
 
 from supsup_lite import config
-from supsup_lite.core import inference, training
+from supsup_lite.core import files, inference, training
+from supsup_lite.core.files import DamagedFileError
 from supsup_lite.core.masks import MaskBank, MaskBankError, apply_masks, final_masks
 from supsup_lite.core.models import frozen_random_model
 from supsup_lite.data import DataNotFoundError, PermutedMNIST, RotatedMNIST, SplitMNIST
 from supsup_lite.data import mnist as mnist_module
-from supsup_lite.scenarios import protocols
+from supsup_lite.scenarios import experiments, protocols
 
 
 @pytest.fixture(scope="module")
@@ -330,3 +334,290 @@ def test_nan_scores_are_refused_by_both_mask_rules(lenet, keep_frac):
 def test_bank_save_refuses_a_folder(lenet, tmp_path):
     with pytest.raises(IsADirectoryError, match="is a directory; give a file path inside it"):
         MaskBank.for_model(lenet).save(tmp_path)
+
+
+# --- run folders: damaged files, kills during a save, files that disagree ---------------------------------------
+GNU = dict(tasks=2, outputs=10, objectives=("H",), batches=2, save_every=1, checkpoints=(1, 2))
+NNS = dict(tasks=2, budget=2, outputs=10, batches=4, check_every=2, save_every=1, checkpoints=(2,), sample_batches=2)
+
+
+def snapshot(folder) -> dict[str, bytes]:
+    """Every file under ``folder`` (relative path → bytes)."""
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def gnu_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("gnu")
+    return out, experiments.gnu_permuted_mnist(experiments.GNuConfig(**GNU), out, progress=False)
+
+
+@pytest.fixture(scope="module")
+def nns_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("nns")
+    return out, experiments.nns_permuted_mnist(experiments.NNsConfig(**NNS), out, progress=False)
+
+
+@pytest.fixture
+def gnu_copy(gnu_run, tmp_path):
+    shutil.copytree(gnu_run[0], tmp_path / "run")
+    return tmp_path / "run"
+
+
+@pytest.fixture
+def nns_copy(nns_run, tmp_path):
+    shutil.copytree(nns_run[0], tmp_path / "run")
+    return tmp_path / "run"
+
+
+def resume_gnu(out, **settings):
+    return experiments.gnu_permuted_mnist(experiments.GNuConfig(**{**GNU, **settings}), out, progress=False)
+
+
+def resume_nns(out):
+    return experiments.nns_permuted_mnist(experiments.NNsConfig(**NNS), out, progress=False)
+
+
+def _flip_tensor_byte(path, tensor: torch.Tensor) -> None:
+    """Flip one bit in the middle of ``tensor``'s bytes inside the saved file (torch stores them uncompressed)."""
+    data = bytearray(path.read_bytes())
+    start = data.find(tensor.contiguous().numpy().tobytes())
+    assert start > 0
+    data[start + tensor.numel() * tensor.element_size() // 2] ^= 0x10
+    path.write_bytes(bytes(data))
+
+
+def _rewrite_version(path) -> None:
+    if path.suffix == ".json":
+        state = json.loads(path.read_text())
+        path.write_text(json.dumps({**state, "version": 99}))
+    else:
+        torch.save({**torch.load(path, weights_only=True), "version": 99}, path)
+
+
+def _damage(folder, name: str, how: str) -> None:
+    path = folder / name
+    if how == "truncated":
+        path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    elif how == "wrong version":
+        _rewrite_version(path)
+    elif name == "results.json":  # one flipped byte: a digit of a reported accuracy
+        text = path.read_text()
+        at = text.index('"gg_accuracy": 0.') + len('"gg_accuracy": 0.')
+        path.write_text(text[:at] + ("1" if text[at] != "1" else "2") + text[at + 1:])
+    elif name == "gg_batches.pt":
+        _flip_tensor_byte(path, torch.load(path, weights_only=True)["tensors"]["gg_batches"])
+    elif name == "bank.pt":
+        _flip_tensor_byte(path, torch.load(path, weights_only=True)["packed"]["5.weight"])
+    else:  # a slot file: one score
+        state = torch.load(path, weights_only=True)
+        _flip_tensor_byte(path, state["tensors"]["scores/3.weight"])
+
+
+DAMAGE = {  # (file, how) → (error, message fragment)
+    ("results.json", "truncated"): (DamagedFileError, "results.json is not a readable results file"),
+    ("results.json", "flipped byte"): (DamagedFileError, "results.json: checksum mismatch; the results file was edited"),
+    ("results.json", "wrong version"): (DamagedFileError, "results.json has format version 99, this code reads 1"),
+    ("bank.pt", "truncated"): (MaskBankError, "bank.pt is not a readable mask bank"),
+    ("bank.pt", "flipped byte"): (MaskBankError, "bank.pt: checksum mismatch for '5.weight'"),
+    ("bank.pt", "wrong version"): (MaskBankError, "bank.pt has format version 99, this code reads 2"),
+    ("gg_batches.pt", "truncated"): (DamagedFileError, "gg_batches.pt is not a readable per-batch GG file"),
+    ("gg_batches.pt", "flipped byte"): (DamagedFileError, "gg_batches.pt: checksum mismatch for 'gg_batches'"),
+    ("gg_batches.pt", "wrong version"): (DamagedFileError, "gg_batches.pt has format version 99, this code reads 1"),
+}
+
+
+@pytest.mark.parametrize("name, how", DAMAGE, ids=[f"{n}-{h}" for n, h in DAMAGE])
+def test_damaged_gnu_files_are_refused_and_left_alone(gnu_copy, name, how):
+    _damage(gnu_copy, name, how)
+    before = snapshot(gnu_copy)
+    error, fragment = DAMAGE[name, how]
+    with pytest.raises(error, match=fragment):
+        resume_gnu(gnu_copy)
+    assert snapshot(gnu_copy) == before
+
+
+@pytest.mark.parametrize("how", ["truncated", "flipped byte", "wrong version"])
+@pytest.mark.parametrize("which", ["learner.pt", "slot"])
+def test_damaged_nns_files_are_refused_and_left_alone(nns_copy, which, how):
+    name = which if which == "learner.pt" else "learner/" + sorted(p.name for p in (nns_copy / "learner").iterdir())[0]
+    if which == "learner.pt" and how == "flipped byte":  # no tensor in it: edit one field behind the checksum
+        state = torch.load(nns_copy / name, weights_only=True)
+        torch.save({**state, "batches_seen": state["batches_seen"] + 1}, nns_copy / name)
+    else:
+        _damage(nns_copy, name, how)
+    before = snapshot(nns_copy)
+    what = "NNs learner state" if which == "learner.pt" else "NNs mask state"
+    fragment = {"truncated": f"is not a readable {what}", "wrong version": "has format version 99, this code reads 1",
+                "flipped byte": "checksum mismatch"}[how]
+    with pytest.raises(DamagedFileError, match=fragment):
+        resume_nns(nns_copy)
+    assert snapshot(nns_copy) == before
+
+
+def _half_written(real_save):
+    def save(obj, file, *args, **kwargs):
+        buffer = io.BytesIO()
+        real_save(obj, buffer, *args, **kwargs)
+        file.write(buffer.getvalue()[: len(buffer.getvalue()) // 2])
+        raise KeyboardInterrupt  # killed in the middle of writing
+    return save
+
+
+@pytest.mark.parametrize("where", ["bank.pt", "gg_batches.pt", "results.json", "rename"])
+def test_a_kill_during_a_save_leaves_the_old_files(gnu_copy, monkeypatch, where):
+    run = experiments.GNuRun(experiments.GNuConfig(**GNU), gnu_copy, progress=False)
+    before = snapshot(gnu_copy)
+    if where == "results.json":  # killed after the first bytes of the JSON
+        real_write = files.write_atomically
+        partial = lambda f: (f.write(b'{"format": "supsup-lite-res'), (_ for _ in ()).throw(KeyboardInterrupt))  # noqa: E731
+        monkeypatch.setattr(files, "write_atomically", lambda path, write: real_write(path, partial))
+    elif where == "rename":  # killed with the new file complete, before it replaces the old one
+        monkeypatch.setattr(files.os, "replace", lambda *a: (_ for _ in ()).throw(KeyboardInterrupt))
+    else:  # killed halfway through torch.save
+        real_save = torch.save
+
+        def half_written(obj, file, *args, **kwargs):
+            buffer = io.BytesIO()
+            real_save(obj, buffer, *args, **kwargs)
+            file.write(buffer.getvalue()[: len(buffer.getvalue()) // 2])
+            raise KeyboardInterrupt
+
+        monkeypatch.setattr(torch, "save", half_written)
+    with pytest.raises(KeyboardInterrupt):
+        if where == "bank.pt":
+            run.bank.save(gnu_copy / "bank.pt")
+        else:
+            run.results["sessions"] += 100  # something new to write
+            run.save()
+    assert snapshot(gnu_copy) == before  # byte for byte, and no temporary file left behind
+
+
+def test_a_run_killed_between_its_files_resumes_to_the_same_results(gnu_run, tmp_path, monkeypatch):
+    """Killed after bank.pt and gg_batches.pt of the second chunk but before its results.json: the resumed run
+    accepts the bank one chunk ahead and ends with the uninterrupted run's masks and numbers."""
+    reference_out, reference = gnu_run
+    real, writes = experiments._Session._write_json, []
+
+    def killed_on_the_fourth_results_write(self):  # 1: start, 2: task 1 trained, 3: T=1 evaluated, 4: task 2
+        writes.append(1)
+        if len(writes) == 4:
+            raise KeyboardInterrupt
+        real(self)
+
+    monkeypatch.setattr(experiments._Session, "_write_json", killed_on_the_fourth_results_write)
+    with pytest.raises(KeyboardInterrupt):
+        resume_gnu(tmp_path)
+    monkeypatch.setattr(experiments._Session, "_write_json", real)
+    assert experiments.load_results(tmp_path)["tasks_trained"] == 1 and len(MaskBank.load(tmp_path / "bank.pt")) == 2
+    resumed = resume_gnu(tmp_path)
+    strip = lambda records: [{k: v for k, v in r.items() if not k.endswith(("seconds", "rss_mb"))} for r in records]  # noqa: E731
+    assert strip(resumed["checkpoints"]) == strip(reference["checkpoints"])
+    ours, theirs = MaskBank.load(tmp_path / "bank.pt"), MaskBank.load(reference_out / "bank.pt")
+    assert all(torch.equal(ours.packed(n), theirs.packed(n)) for n in theirs.names)
+
+
+def _older_bank(folder) -> None:
+    bank = MaskBank.load(folder / "bank.pt", device="cpu")
+    older = MaskBank(bank.network, stream=bank.stream, device="cpu")
+    older.append(bank.get(0, torch.bool))
+    older.save(folder / "bank.pt")
+
+
+def _other_gg_counts(folder) -> None:
+    meta, tensors = files.load_tensors(folder / "gg_batches.pt", kind=experiments.GG_FORMAT, version=1, what="gg")
+    files.save_tensors(folder / "gg_batches.pt", kind=experiments.GG_FORMAT, version=1,
+                       metadata={k: v for k, v in meta.items() if k not in ("format", "version")},
+                       tensors={"gg_batches": tensors["gg_batches"] - 1})
+
+
+def _nns_results(folder, nns_folder) -> None:
+    shutil.copyfile(nns_folder / "results.json", folder / "results.json")
+
+
+CONFLICTS = {  # change to the finished GNu run → (error, message fragment)
+    "results.json missing": (lambda f, n: (f / "results.json").unlink(), experiments.RunFolderError,
+                             "holds bank.pt, gg_batches.pt but no results.json"),
+    "gg_batches.pt missing": (lambda f, n: (f / "gg_batches.pt").unlink(), experiments.RunFolderError,
+                              "bank.pt holds 2 tasks but gg_batches.pt, their per-batch GG counts, is missing"),
+    "bank.pt missing": (lambda f, n: (f / "bank.pt").unlink(), experiments.RunFolderError,
+                        "results.json records 2 trained tasks but bank.pt, their masks, is missing"),
+    "older bank.pt": (lambda f, n: _older_bank(f), experiments.RunFolderError,
+                      "bank.pt holds 1 tasks but results.json records 2 trained"),
+    "other GG counts": (lambda f, n: _other_gg_counts(f), experiments.RunFolderError,
+                        r"gg_batches.pt and results.json disagree on the GG accuracy of tasks \[0, 1\]"),
+    "bank of another stream": (lambda f, n: MaskBank.for_model(
+        frozen_random_model("lenet_300_100", 10, seed=0, device="cpu"), stream=PermutedMNIST(2, seed=7)).save(
+        f / "bank.pt"), MaskBankError, r"trained on the task stream \{'stream': 'PermutedMNIST', 'seed': 7\}"),
+    "another experiment": (_nns_results, experiments.RunFolderError, "holds a nns_permuted_mnist run"),
+}
+
+
+@pytest.mark.parametrize("case", CONFLICTS)
+def test_conflicting_gnu_folders_stop_and_keep_their_files(gnu_copy, nns_run, case):
+    change, error, fragment = CONFLICTS[case]
+    change(gnu_copy, nns_run[0])
+    before = snapshot(gnu_copy)
+    with pytest.raises(error, match=fragment) as err:
+        resume_gnu(gnu_copy)
+    if error is experiments.RunFolderError and case != "another experiment":
+        assert "Nothing was changed; to continue" in str(err.value) and "--overwrite" in str(err.value)
+    assert snapshot(gnu_copy) == before
+
+
+@pytest.mark.parametrize("settings, fragment", [
+    (dict(tasks=1, checkpoints=(1,)), "the run has trained 2 tasks but tasks=1 was asked"),
+    (dict(batches=3), r"holds a run with other settings \(saved, asked\): \{'batches': \(2, 3\)\}"),
+])
+def test_no_resume_with_fewer_tasks_or_other_settings(gnu_copy, settings, fragment):
+    before = snapshot(gnu_copy)
+    with pytest.raises(experiments.RunFolderError, match=fragment):
+        resume_gnu(gnu_copy, **settings)
+    assert snapshot(gnu_copy) == before
+
+
+@pytest.mark.parametrize("case, fragment", [
+    ("learner.pt missing", "results.json records 2 tasks learned but learner.pt, the learner's state, is missing"),
+    ("slot missing", "which is missing from learner/"),
+    ("results.json missing", "holds learner.pt, learner but no results.json"),
+])
+def test_conflicting_nns_folders_stop_and_keep_their_files(nns_copy, case, fragment):
+    if case == "slot missing":
+        sorted((nns_copy / "learner").iterdir())[0].unlink()
+    else:
+        (nns_copy / case.split()[0]).unlink()
+    before = snapshot(nns_copy)
+    with pytest.raises(experiments.RunFolderError, match=fragment):
+        resume_nns(nns_copy)
+    assert snapshot(nns_copy) == before
+
+
+def test_the_cli_stops_on_a_conflict_and_overwrites_only_when_told(gnu_copy, capsys):
+    (gnu_copy / "results.json").unlink()
+    before = snapshot(gnu_copy)
+    argv = ["gnu_permuted_mnist", "--tasks", "1", "--outputs", "10", "--objective", "H", "--batches", "2",
+            "--ckpts", "1", "--out", str(gnu_copy), "--no-progress"]
+    assert experiments.main(argv) == 2
+    assert "but no results.json" in capsys.readouterr().err
+    assert snapshot(gnu_copy) == before
+    assert experiments.main(argv + ["--overwrite"]) == 0
+    assert experiments.load_results(gnu_copy)["tasks_trained"] == 1 and len(MaskBank.load(gnu_copy / "bank.pt")) == 1
+
+
+def test_the_cli_refuses_an_unusable_out(tmp_path, capsys):
+    (tmp_path / "a-file").write_text("not a folder")
+    argv = ["gnu_permuted_mnist", "--tasks", "1", "--outputs", "10", "--objective", "H", "--no-progress"]
+    assert experiments.main(argv + ["--out", str(tmp_path / "a-file")]) == 2
+    assert "out=" in capsys.readouterr().err and (tmp_path / "a-file").read_text() == "not a folder"
+    assert experiments.main(argv + ["--out", str(tmp_path / "a-file" / "run")]) == 2
+    assert "cannot create out=" in capsys.readouterr().err
+    with pytest.raises(NotADirectoryError, match="is a file, not a folder"):
+        experiments.GNuRun(experiments.GNuConfig(**GNU), tmp_path / "a-file")
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root may write anywhere")
+def test_an_unwritable_out_is_refused(tmp_path):
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o500)
+    with pytest.raises(PermissionError, match="is not writable"):
+        experiments.GNuRun(experiments.GNuConfig(**GNU), locked)

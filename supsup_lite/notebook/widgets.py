@@ -23,6 +23,7 @@ from ..core.superpose import superposed_weights
 from ..data.mnist import TaskStream
 
 MAX_TASKS = 10
+TIE_TOLERANCE = 1e-5  # gradients closer than this fraction of the largest are equal (float32 sums differ by ulps)
 
 
 @dataclass
@@ -38,9 +39,12 @@ class AlphaReadout:
     @property
     def steepest(self) -> int | None:
         """The task One-Shot would pick from here: argmin_t ∂H/∂α_t; None when no task is steeper than the others
-        (every gradient equal, e.g. all 0) or a gradient is not finite."""
-        tied = self.grad.numel() > 1 and bool((self.grad == self.grad[0]).all())
-        if tied or not bool(torch.isfinite(self.grad).all()):
+        (every gradient equal up to float rounding, ``TIE_TOLERANCE`` of the largest |∂H/∂α|, e.g. all 0) or a
+        gradient is not finite."""
+        if not bool(torch.isfinite(self.grad).all()):
+            return None
+        spread, scale = self.grad.max() - self.grad.min(), self.grad.abs().max()
+        if self.grad.numel() > 1 and bool(spread <= TIE_TOLERANCE * scale):
             return None
         return int(self.grad.argmin())
 

@@ -490,6 +490,7 @@ class GNuRun(_Session):
         self.model = frozen_random_model(config.model, config.outputs, config.seed, self.device)
         self.stream = PermutedMNIST(config.tasks, seed=config.data_seed, device=self.device)
         self.bank = MaskBank.for_model(self.model, stream=self.stream)
+        self._bank_saved = self.bank.version  # the bank's version in bank.pt: unchanged banks are not rewritten
         self.num_test = self.stream.test_set(0)[1].shape[0]
         self.num_batches = -(-self.num_test // config.test_batch_size)
         # per-batch counts of each task's own mask (NaN: not measured yet)
@@ -517,7 +518,7 @@ class GNuRun(_Session):
             raise self._refuse(f"bank.pt holds {len(bank)} tasks but results.json records {trained} trained (a save "
                                f"interrupted between the two leaves the bank at most save_every={c.save_every} "
                                f"ahead, within tasks={c.tasks})")
-        self.bank = bank
+        self.bank, self._bank_saved = bank, bank.version
         self.results["tasks_trained"] = len(bank)
         if not len(bank):
             return
@@ -545,8 +546,8 @@ class GNuRun(_Session):
         self.gg_batches[:counts.shape[0]] = counts.to(self.device)
 
     def save(self) -> None:
-        """Write ``bank.pt``, ``gg_batches.pt`` and ``results.json``, in that order, each atomically and with a
-        checksum, when ``out`` is set."""
+        """Write ``bank.pt`` (when it changed), ``gg_batches.pt`` and ``results.json``, in that order, each atomically
+        and with a checksum, when ``out`` is set."""
         self._tick()
         gg = (self.gg_batches[:len(self.bank)].sum(1) / self.num_test).tolist()
         self.results["gg_per_task"] = [None if math.isnan(v) else v for v in gg]  # None: not measured (sampled)
@@ -555,7 +556,9 @@ class GNuRun(_Session):
         if self.out is None:
             return
         if len(self.bank):
-            self.bank.save(self.out / "bank.pt")
+            if self.bank.version != self._bank_saved:
+                self.bank.save(self.out / "bank.pt")
+                self._bank_saved = self.bank.version
             save_tensors(self.out / "gg_batches.pt", kind=GG_FORMAT, version=GG_VERSION,
                          metadata={"test_batch_size": self.config.test_batch_size, "eval_seed": self.config.eval_seed},
                          tensors={"gg_batches": self.gg_batches[:len(self.bank)]})
