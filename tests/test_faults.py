@@ -2,7 +2,10 @@
 
 Each case asserts the exact exception type and a fragment of its message; cases that touch files also compare
 the files byte for byte before and after (nothing lost, nothing half-written). Classes: bad counts and indices,
-bad devices, bad masks, a bank meeting the wrong model or stream, damaged data files.
+bad devices, bad masks, a bank meeting the wrong model or stream, damaged data files, bad images at every
+inference and evaluation entry, bad training settings (learning rates, counts, no batch, NaN scores), damaged
+run files of each kind (truncated, one flipped byte, wrong version), kills during a save, run folders whose files
+disagree, and unusable output paths.
 """
 from __future__ import annotations
 
@@ -416,7 +419,7 @@ def _damage(folder, name: str, how: str) -> None:
 
 DAMAGE = {  # (file, how) → (error, message fragment)
     ("results.json", "truncated"): (DamagedFileError, "results.json is not a readable results file"),
-    ("results.json", "flipped byte"): (DamagedFileError, "results.json: checksum mismatch; the results file was edited"),
+    ("results.json", "flipped byte"): (DamagedFileError, "results.json: checksum mismatch; the results file was"),
     ("results.json", "wrong version"): (DamagedFileError, "results.json has format version 99, this code reads 1"),
     ("bank.pt", "truncated"): (MaskBankError, "bank.pt is not a readable mask bank"),
     ("bank.pt", "flipped byte"): (MaskBankError, "bank.pt: checksum mismatch for '5.weight'"),
@@ -470,7 +473,11 @@ def test_a_kill_during_a_save_leaves_the_old_files(gnu_copy, monkeypatch, where)
     before = snapshot(gnu_copy)
     if where == "results.json":  # killed after the first bytes of the JSON
         real_write = files.write_atomically
-        partial = lambda f: (f.write(b'{"format": "supsup-lite-res'), (_ for _ in ()).throw(KeyboardInterrupt))  # noqa: E731
+
+        def partial(file):
+            file.write(b'{"format": "supsup-lite-res')
+            raise KeyboardInterrupt
+
         monkeypatch.setattr(files, "write_atomically", lambda path, write: real_write(path, partial))
     elif where == "rename":  # killed with the new file complete, before it replaces the old one
         monkeypatch.setattr(files.os, "replace", lambda *a: (_ for _ in ()).throw(KeyboardInterrupt))
@@ -511,7 +518,8 @@ def test_a_run_killed_between_its_files_resumes_to_the_same_results(gnu_run, tmp
     monkeypatch.setattr(experiments._Session, "_write_json", real)
     assert experiments.load_results(tmp_path)["tasks_trained"] == 1 and len(MaskBank.load(tmp_path / "bank.pt")) == 2
     resumed = resume_gnu(tmp_path)
-    strip = lambda records: [{k: v for k, v in r.items() if not k.endswith(("seconds", "rss_mb"))} for r in records]  # noqa: E731
+    timings = ("seconds", "rss_mb")
+    strip = lambda records: [{k: v for k, v in r.items() if not k.endswith(timings)} for r in records]  # noqa: E731
     assert strip(resumed["checkpoints"]) == strip(reference["checkpoints"])
     ours, theirs = MaskBank.load(tmp_path / "bank.pt"), MaskBank.load(reference_out / "bank.pt")
     assert all(torch.equal(ours.packed(n), theirs.packed(n)) for n in theirs.names)

@@ -65,7 +65,8 @@ def effective_alphas(raw: Sequence[float], normalise: bool) -> torch.Tensor:
     alphas = torch.tensor([float(v) for v in raw])
     if not bool(torch.isfinite(alphas).all()):
         bad = [f"α{t}" for t in torch.nonzero(~torch.isfinite(alphas)).flatten().tolist()]
-        raise ValueError(f"α must be finite numbers, but {', '.join(bad)} = {alphas[~torch.isfinite(alphas)].tolist()}: "
+        values = alphas[~torch.isfinite(alphas)].tolist()
+        raise ValueError(f"α must be finite numbers, but {', '.join(bad)} = {values}: "
                          f"set {'it' if len(bad) == 1 else 'them'} to a number in [0, 1]")
     if (alphas < 0).any():
         raise ValueError(f"α must be ≥ 0, got {alphas.tolist()}")

@@ -13,6 +13,15 @@ results in its run folder (``--out``, resumed when it exists: finished tasks are
 checkpoints not re-evaluated, wall and CPU time are summed over the sessions); ``preset`` also writes the summary
 ``results/<preset>.json`` (and ``.csv``: one row per checkpoint).
 
+**Run folders are trusted conservatively.** Every file in one (``results.json``, ``bank.pt``, ``gg_batches.pt``,
+``learner.pt`` and ``learner/``) carries a format version and checksums and is written atomically
+(``core.files``); a damaged one is refused by name. Resuming checks the files against each other and against the
+settings: a missing or older file, counts that disagree, fewer tasks than trained, or other settings stop the run
+with a ``RunFolderError`` that says what disagrees and how to continue, and nothing is written. The one
+disagreement a kill can cause — a save interrupted between its files, leaving the bank or learner at most
+``save_every`` tasks ahead of ``results.json`` — is resumed. ``--overwrite`` (``overwrite=True``) removes the run
+files and starts over.
+
 **GNu.** Masks are trained K = ``save_every`` tasks at once (``training.train_bank``); after every K tasks the bank
 (``bank.pt``, bit-packed) and ``results.json`` are saved. At each checkpoint T (the authors' ``eval_ckpts``) the
 evaluation is the paper's GNu protocol (:func:`protocols.gnu_score`): each task's test set, in a fixed shuffle
@@ -987,7 +996,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                      help="K: tasks trained at once and between saves")
     gnu.add_argument("--sample-tasks", type=int, default=None, help="evaluate a seeded sample of this many tasks")
     gnu.add_argument("--sample-batches", type=int, default=None, help="evaluate this many test batches per task")
-    gnu.add_argument("--out", type=Path, default=None, help="run folder (resumed when it exists)")
+    gnu.add_argument("--out", type=Path, default=None, help="run folder (resumed when it exists; see --overwrite)")
     for command in (preset, gnu):
         command.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
         command.add_argument("--no-progress", action="store_true")
