@@ -34,15 +34,22 @@ def integer(name: str, value: object, *, minimum: int | None = None, maximum: in
 
 def optional_integer(name: str, value: object, *, minimum: int | None = None) -> int | None:
     """Like :func:`integer`, but None passes through (e.g. ``num_batches=None``: one epoch)."""
-    return None if value is None else integer(name, value, minimum=minimum)
+    if value is None:
+        return None
+    value = integer(name, value)
+    if minimum is not None and value < minimum:
+        raise ValueError(f"{name} must be ≥ {minimum} or None, got {value}")
+    return value
 
 
 def positive_number(name: str, value: object) -> float:
     """A finite real number > 0 (a learning rate, an angle step that must move): refuses 0, negatives, inf, NaN."""
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a number, got {value!r} ({type(value).__name__})")
-    if not math.isfinite(value) or value <= 0:
-        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number, got {value!r}; give a finite value > 0")
+    if value <= 0:
+        raise ValueError(f"{name} must be > 0, got {value!r}; nothing would change with it")
     return float(value)
 
 
@@ -82,10 +89,10 @@ def images(model: nn.Module, x: object, *, name: str = "x") -> torch.Tensor:
     if isinstance(layer, nn.Linear):
         features = math.prod(x.shape[1:]) if x.dim() >= 2 else -1
         if x.dim() < 2 or features != layer.in_features or x.shape[0] == 0:
-            raise ValueError(f"{name} must be a non-empty batch (B, {layer.in_features}) (or (B, 28, 28) for "
+            raise ValueError(f"{name} must be a batch (B, {layer.in_features}) with B ≥ 1 (or (B, 28, 28) for "
                              f"MNIST), got shape {tuple(x.shape)}; one image is {name}[None] or {name}[:1]")
     elif x.dim() != 4 or x.shape[1] != layer.in_channels or x.shape[0] == 0:
-        raise ValueError(f"{name} must be a non-empty batch (B, {layer.in_channels}, H, W), got shape "
+        raise ValueError(f"{name} must be a batch (B, {layer.in_channels}, H, W) with B ≥ 1, got shape "
                          f"{tuple(x.shape)}; one image is {name}[None]")
     if x.device != layer.weight.device:
         raise ValueError(f"{name} is on {x.device} but the model on {layer.weight.device}; move it with "
@@ -105,7 +112,7 @@ def labels(model: nn.Module, y: object, num: int, *, name: str = "y") -> torch.T
         raise TypeError(f"{name} must be an int64 tensor (N,) of class indices, got "
                         f"{getattr(y, 'dtype', type(y).__name__)} {tuple(getattr(y, 'shape', ()))}")
     if y.shape[0] != num:
-        raise ValueError(f"need one label per image: {num} images, {y.shape[0]} labels in {name}")
+        raise ValueError(f"need as many labels as images: {num} images, {y.shape[0]} labels in {name}")
     outputs = [m for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv2d))][-1].weight.shape[0]
     if y.numel() and (int(y.min()) < 0 or int(y.max()) >= outputs):
         raise ValueError(f"{name} holds classes {int(y.min())}..{int(y.max())}, but the model has {outputs} outputs: "

@@ -40,7 +40,7 @@ def test_paper_checkpoints():
 
 def test_results_json_has_every_field(uninterrupted):
     out, results = uninterrupted
-    assert json.loads((out / "results.json").read_text()) == results
+    assert experiments.load_results(out) == results
     assert results["complete"] and results["tasks_trained"] == 4
     assert {"config", "hardware", "train_seconds", "eval_seconds", "wall_seconds", "cpu_seconds",
             "gg_per_task"} <= set(results)

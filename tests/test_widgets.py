@@ -82,3 +82,53 @@ def test_too_many_tasks_is_a_clear_error(trained_bank, permuted):
 
     with pytest.raises(ValueError, match="1..10 tasks"):
         AlphaExplorer(model, Big(), permuted)
+
+
+# --- degenerate states: a message in the readout, and recovery on the next valid change ------------------------
+def test_all_alphas_zero_is_a_message_and_recovers(explorer):
+    explorer.normalise.value = False
+    explorer.set_alphas([0.0] * 4)
+    assert explorer.readout is None
+    assert "all α are 0" in explorer.status.value and "steepest descent" not in explorer.status.value
+    assert explorer.output_bars.value == explorer.grad_bars.value == ""
+    explorer.one_shot_button.click()  # nothing to step from: α stays as it is
+    explorer.binary_button.click()
+    assert explorer.raw_alphas() == [0.0] * 4
+    explorer.sliders[2].value = 0.5
+    assert explorer.readout is not None and explorer.readout.alphas.tolist() == [0.0, 0.0, 0.5, 0.0]
+    assert f"steepest descent: task <b>{explorer.readout.steepest}</b>" in explorer.status.value
+
+
+def test_a_nan_slider_is_a_message_and_recovers(explorer):
+    explorer.sliders[1].value = float("nan")
+    assert explorer.readout is None
+    assert "α must be finite numbers, but α1 = [nan]: set it to a number in [0, 1]" in explorer.status.value
+    explorer.reset_button.click()
+    assert explorer.readout is not None and explorer.raw_alphas() == [0.25] * 4
+    assert "steepest descent: task" in explorer.status.value
+    explorer.sliders[3].value = float("nan")
+    explorer.sliders[3].value = 0.1
+    assert explorer.readout is not None and "steepest descent: task" in explorer.status.value
+
+
+def test_equal_gradients_name_no_steepest_task(trained_bank, permuted):
+    model, bank = trained_bank
+    same = type(bank).for_model(model)
+    for _ in range(3):
+        same.append(bank.get(0, torch.bool))  # three copies of one mask: every ∂H/∂α is the same number
+    explorer = AlphaExplorer(model, same, permuted)
+    grad = explorer.readout.grad
+    assert (grad.max() - grad.min()).item() <= 1e-5 * grad.abs().max().item()  # equal up to float rounding
+    assert explorer.readout.steepest is None
+    assert "every ∂H/∂α is equal, so no task is steeper" in explorer.status.value
+    assert "steepest descent: task" not in explorer.status.value
+    explorer.one_shot_button.click()
+    assert explorer.raw_alphas() == [1 / 3] * 3  # no step taken
+    explorer.sliders[0].value = 0.0  # still one mask: still no steepest task, still said so
+    assert explorer.readout.steepest is None and "every ∂H/∂α is equal" in explorer.status.value
+
+
+@pytest.mark.parametrize("raw", [[float("nan"), 0.5], [0.5, float("inf")]])
+def test_effective_alphas_refuses_non_finite_values(raw):
+    with pytest.raises(ValueError, match="α must be finite numbers"):
+        effective_alphas(raw, normalise=True)

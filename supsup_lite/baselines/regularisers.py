@@ -172,7 +172,8 @@ class PenalisedOptimizer:
     """Wraps an optimiser for ``training.fit``: each ``step`` adds ∇ penalty(θ) to the task-loss gradient first.
 
     ``after_step(task_grads, before, after)`` (optional) sees the task-loss gradient, and θ before and after the
-    step, which is all SI's path integral needs. ``fit`` calls only ``zero_grad`` and ``step``.
+    step, which is all SI's path integral needs. ``fit`` calls only ``zero_grad`` and ``step`` (and reads the
+    learning rates in ``param_groups``).
     """
 
     def __init__(self, optimizer: torch.optim.Optimizer, params: Params,
@@ -180,6 +181,11 @@ class PenalisedOptimizer:
                  after_step: Callable[[Params, Params, Params], None] | None = None) -> None:
         self.optimizer, self.params = optimizer, params
         self.penalty, self.after_step = penalty, after_step
+
+    @property
+    def param_groups(self) -> list[dict]:
+        """The wrapped optimiser's parameter groups (``fit`` checks their learning rates)."""
+        return self.optimizer.param_groups
 
     def zero_grad(self, set_to_none: bool = True) -> None:  # noqa: D102
         self.optimizer.zero_grad(set_to_none=set_to_none)

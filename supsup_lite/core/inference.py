@@ -14,6 +14,7 @@ from typing import Callable
 import torch
 from torch import nn
 
+from .. import validation
 from .masks import MaskBank
 from .models import maskable_parameters, masked_forward
 from .superpose import check_alphas, masks_dot, superposed_weights, unpack_float
@@ -52,11 +53,26 @@ def uniform_alphas(bank: MaskBank, candidates: torch.Tensor | None = None) -> to
     return alphas
 
 
-def check_images(x: torch.Tensor) -> None:
-    """Raise a clear error unless ``x`` is a non-empty batch (B ≥ 1, ...): one image is ``x[:1]``."""
-    if x.dim() < 2 or x.shape[0] == 0:
-        raise ValueError(f"task inference needs a batch of images (B, ...) with B ≥ 1 (one image: x[:1]); "
-                         f"got shape {tuple(x.shape)}")
+def check_inputs(model: nn.Module, bank: MaskBank, x: object) -> torch.Tensor:
+    """The checks at the entry of every inference function: the bank belongs to ``model`` (same random network,
+    same device; ``MaskBank.check_compatible``) and holds a task, and ``x`` is a non-empty batch of finite images
+    the model takes (``validation.images``: one image is ``x[:1]``). Returns ``x``."""
+    bank.check_compatible(model)
+    _check_not_empty(bank)
+    return validation.images(model, x)
+
+
+def _check_not_empty(bank: MaskBank) -> None:
+    if len(bank) == 0:
+        raise ValueError("the bank is empty: train at least one task first (training.train_bank)")
+
+
+def check_group_size(group_size: object, images: int) -> int:
+    """``group_size`` as an int ≥ 1 that divides the number of ``images``, else a clear error."""
+    group_size = validation.integer("group_size", group_size, minimum=1)
+    if images % group_size:
+        raise ValueError(f"group_size must divide the {images} images, got {group_size}")
+    return group_size
 
 
 def alpha_gradient(model: nn.Module, bank: MaskBank, x: torch.Tensor, *, alphas: torch.Tensor | None = None,
@@ -65,6 +81,7 @@ def alpha_gradient(model: nn.Module, bank: MaskBank, x: torch.Tensor, *, alphas:
 
     x: (B, ...) one image (B = 1) or a batch; alphas: (T,), default 1/T. Both results on the bank's device.
     """
+    check_inputs(model, bank, x)
     alphas = uniform_alphas(bank) if alphas is None else alphas
     return gradient_on_rows(model, bank, x, alphas, rows=None, objective=objective)
 
@@ -74,9 +91,9 @@ def gradient_on_rows(model: nn.Module, bank: MaskBank, x: torch.Tensor, alphas: 
     """:func:`alpha_gradient` for the tasks ``rows`` only (k,) (default all): (mean objective, ∂/∂α_rows (k,)).
 
     One backward to the effective weights, then ∂/∂α_t = Σ_layers ⟨∂L/∂W_eff ⊙ W, M_t⟩ over the packed masks
-    of the requested tasks only (binary search asks for its candidates, not all T).
+    of the requested tasks only (binary search asks for its candidates, not all T). Inputs checked by the caller
+    (:func:`check_inputs`).
     """
-    check_images(x)
     check_alphas(bank, alphas)
     params = maskable_parameters(model)
     with torch.no_grad():
@@ -91,9 +108,8 @@ def gradient_on_rows(model: nn.Module, bank: MaskBank, x: torch.Tensor, alphas: 
 
 def first_tasks(bank: MaskBank, num_tasks: int | None) -> torch.Tensor:
     """Task indices 0..k−1 of the first ``num_tasks`` learned tasks (all by default): (k,) int64."""
-    k = len(bank) if num_tasks is None else num_tasks
-    if not 1 <= k <= len(bank):
-        raise ValueError(f"num_tasks must lie in [1, {len(bank)}] (tasks in the bank), got {num_tasks}")
+    _check_not_empty(bank)
+    k = len(bank) if num_tasks is None else validation.integer("num_tasks", num_tasks, minimum=1, maximum=len(bank))
     return torch.arange(k, device=bank.device)
 
 
@@ -103,6 +119,7 @@ def one_shot(model: nn.Module, bank: MaskBank, x: torch.Tensor, *, objective: Ob
 
     ``num_tasks``: superpose and search only the first k tasks of the bank (default all).
     """
+    check_inputs(model, bank, x)
     candidates = first_tasks(bank, num_tasks)
     _, grad = gradient_on_rows(model, bank, x, uniform_alphas(bank, candidates), rows=candidates,
                                objective=objective)
@@ -127,6 +144,7 @@ def binary_search(model: nn.Module, bank: MaskBank, x: torch.Tensor, *, objectiv
     ``num_tasks``: search only the first k tasks of the bank (default all). Each step reads the masks of its
     candidates only.
     """
+    check_inputs(model, bank, x)
     candidates = first_tasks(bank, num_tasks)
     grad = torch.zeros(len(bank), device=bank.device)
     while candidates.numel() > 1:
@@ -203,11 +221,9 @@ def alpha_gradient_each(model: nn.Module, bank: MaskBank, x: torch.Tensor, *, ob
 
     Masks are unpacked a block of tasks at a time (``FLOATS_PER_BLOCK``). Fully connected models only.
     """
-    check_images(x)
+    check_inputs(model, bank, x)
+    group_size = check_group_size(group_size, x.shape[0])
     candidates = first_tasks(bank, num_tasks) if candidates is None else candidates.to(bank.device)
-    if group_size < 1 or x.shape[0] % group_size:
-        raise ValueError(f"group_size must be ≥ 1 and divide the {x.shape[0]} images, got {group_size}")
-    bank.check_compatible(model)
     layers = linear_layers(model)
     params = maskable_parameters(model)
     with torch.no_grad():
@@ -269,9 +285,8 @@ def binary_search_each(model: nn.Module, bank: MaskBank, x: torch.Tensor, *, obj
     Row i equals ``binary_search(model, bank, x[g·i : g·(i+1)], objective=objective, num_tasks=num_tasks)``.
     Every step keeps ⌈k/2⌉ candidates per group; groups that share a candidate set share one batched gradient call.
     """
-    check_images(x)
-    if group_size < 1 or x.shape[0] % group_size:
-        raise ValueError(f"group_size must be ≥ 1 and divide the {x.shape[0]} images, got {group_size}")
+    check_inputs(model, bank, x)
+    group_size = check_group_size(group_size, x.shape[0])
     groups = x.shape[0] // group_size
     images = x.view(groups, group_size, *x.shape[1:])
     alive = first_tasks(bank, num_tasks).expand(groups, -1)  # (G, k): every group's candidates, ascending

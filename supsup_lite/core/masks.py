@@ -1,9 +1,7 @@
 """Supermasks: score initialisation, straight-through mask functions, and the bit-packed ``MaskBank``."""
 from __future__ import annotations
 
-import json
 import math
-import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Mapping
@@ -12,6 +10,7 @@ import torch
 from torch import nn
 
 from .bits import pack_bits, packed_size, unpack_bits
+from .files import check_tensor, read_state, save_tensors, tensor_checksum
 from .. import validation
 from ..config import resolve_device
 from .models import maskable_parameters
@@ -98,9 +97,16 @@ def final_masks(scores: Masks, *, keep_frac: float | Mapping[str, float] | None 
     """The binary masks a training run keeps (the one place they are made): name → bool tensor shaped like s.
 
     M = 1[s ≥ 0] (``keep_frac=None``) or the top ``keep_frac`` of |s| over each tensor (as ``topk_supermask``);
-    ``keep_frac`` may map each name to its own fraction (per-layer densities).
+    ``keep_frac`` may map each name to its own fraction (per-layer densities). NaN scores (a diverged run) have
+    no sign and no rank, so both rules refuse them with a ``ValueError`` rather than drop or keep those weights.
     """
     with torch.no_grad():
+        for name, s in scores.items():
+            nan = int(torch.isnan(s).sum())
+            if nan:
+                raise ValueError(f"scores[{name!r}] holds {nan} NaN of {s.numel()} values: training diverged, and "
+                                 f"a NaN score is neither kept nor dropped by a mask rule; lower lr or check the "
+                                 f"inputs for NaN")
         if keep_frac is None:
             return {name: s.detach() >= 0 for name, s in scores.items()}
         fracs = keep_frac if isinstance(keep_frac, Mapping) else dict.fromkeys(scores, keep_frac)
@@ -150,7 +156,7 @@ class NetworkFingerprint:
         fingerprint = cls(arch=str(getattr(model, "arch", type(model).__name__)),
                           seed=getattr(model, "base_seed", None),
                           shapes=tuple((name, tuple(p.shape)) for name, p in params.items()),
-                          signs_crc32=_tensor_checksum(signs.cpu()))
+                          signs_crc32=tensor_checksum(signs.cpu()))
         object.__setattr__(model, "_supsup_fingerprint", (key, fingerprint))  # not a submodule or buffer
         return fingerprint
 
@@ -347,70 +353,37 @@ class MaskBank:
                                 f"with the same settings, or train a new bank")
 
     # --- files ---------------------------------------------------------------------------------------
-    def _metadata(self) -> dict:
-        return {"format": FORMAT_NAME, "version": FORMAT_VERSION, "network": self.network.to_dict(),
-                "stream": self.stream, "num_tasks": len(self)}
-
     def save(self, path: str | Path) -> Path:
-        """Write the bank to one file: metadata, the packed uint8 tensors (T rows each), CRC32s of each."""
-        meta = self._metadata()
+        """Write the bank to one file, atomically: metadata, the packed uint8 tensors (T rows each), CRC32s of
+        each (``files.save_tensors``). ``path`` must not be a folder; its folder is created when missing."""
+        path = validation.output_file("path", path)
         packed = {name: self.packed(name).cpu().clone() for name in self.names}  # clone: not the spare capacity
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(path.suffix + ".tmp")
-        crc32 = {"metadata": _metadata_checksum(meta), **{n: _tensor_checksum(t) for n, t in packed.items()}}
-        torch.save({**meta, "packed": packed, "crc32": crc32}, tmp)
-        tmp.replace(path)
-        return path
+        metadata = {"network": self.network.to_dict(), "stream": self.stream, "num_tasks": len(self)}
+        return save_tensors(path, kind=FORMAT_NAME, version=FORMAT_VERSION, metadata=metadata, tensors=packed,
+                            tensor_key="packed")
 
     @classmethod
     def load(cls, path: str | Path, *, device: torch.device | str | None = None) -> "MaskBank":
         """Read a bank written by :meth:`save` onto ``device`` (default ``config.device()``); any damage raises
         ``MaskBankError`` and returns nothing."""
         device = resolve_device(device)
-        path = Path(path)
-        if not path.exists():
-            raise FileNotFoundError(f"no mask bank at {path}")
+        meta, packed, stored_crc = read_state(path, kind=FORMAT_NAME, version=FORMAT_VERSION, what="mask bank",
+                                              error=MaskBankError, tensor_key="packed",
+                                              upgrade="version 1 banks record no base-network fingerprint: "
+                                                      "retrain them")
         try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as err:
-            raise MaskBankError(f"{path} is not a readable mask bank (truncated or corrupted?): {err}") from err
-        if not isinstance(state, dict) or state.get("format") != FORMAT_NAME:
-            raise MaskBankError(f"{path} is not a supsup-lite mask bank")
-        if state.get("version") != FORMAT_VERSION:
-            raise MaskBankError(f"{path} has format version {state.get('version')}, this code reads {FORMAT_VERSION} "
-                                f"(version 1 banks record no base-network fingerprint: retrain them)")
-        try:
-            meta = {key: state[key] for key in _METADATA_KEYS}
             network = NetworkFingerprint.from_dict(meta["network"])
-            packed = {name: state["packed"][name] for name, _ in network.shapes}
-            stored_crc = dict(state["crc32"])
-            metadata_intact = _metadata_checksum(meta) == stored_crc.pop("metadata")
+            packed = {name: packed[name] for name, _ in network.shapes}
+            num_tasks = int(meta["num_tasks"])
         except (KeyError, TypeError, AttributeError, ValueError, IndexError) as err:
             raise MaskBankError(f"{path}: the file lacks or garbles part of the bank ({err!r})") from err
-        if not metadata_intact:
-            raise MaskBankError(f"{path}: checksum mismatch in the metadata; the file is corrupted")
         bank = cls(network, stream=meta["stream"], device=device)
         for name, tensor in packed.items():
-            expected = (meta["num_tasks"], packed_size(math.prod(bank.shapes[name])))
+            expected = (num_tasks, packed_size(math.prod(bank.shapes[name])))
             if not isinstance(tensor, torch.Tensor) or tensor.dtype != torch.uint8 or tuple(tensor.shape) != expected:
                 raise MaskBankError(f"{path}: parameter {name!r} holds {getattr(tensor, 'shape', tensor)} "
                                     f"{getattr(tensor, 'dtype', '')}, expected {expected} uint8")
-            if _tensor_checksum(tensor) != stored_crc.get(name):
-                raise MaskBankError(f"{path}: checksum mismatch for {name!r}; the file is corrupted")
+            check_tensor(path, name, tensor, stored_crc, error=MaskBankError)
         bank._storage = {name: tensor.to(bank.device) for name, tensor in packed.items()}
-        bank._len = bank.version = meta["num_tasks"]
+        bank._len = bank.version = num_tasks
         return bank
-
-
-_METADATA_KEYS = ("format", "version", "network", "stream", "num_tasks")
-
-
-def _metadata_checksum(meta: dict) -> int:
-    """CRC32 of the metadata as canonical JSON."""
-    return zlib.crc32(json.dumps(meta, sort_keys=True).encode())
-
-
-def _tensor_checksum(tensor: torch.Tensor) -> int:
-    """CRC32 of a CPU tensor's bytes."""
-    return zlib.crc32(tensor.contiguous().numpy().tobytes())

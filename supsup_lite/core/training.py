@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from .. import validation
 from ..config import derive_seed
 from ..data.mnist import Batch, TaskStream
 from .masks import MaskBank, Masks, _topk_keep, final_masks, init_scores, supermask_weight, topk_supermask
@@ -158,7 +159,10 @@ def _correct(logits: torch.Tensor, y: torch.Tensor, valid: torch.Tensor | None) 
 def fit(forward: Forward, optimizer: torch.optim.Optimizer, batches: Iterable[Batch], *, progress: bool = True,
         description: str = "training", after_step: Callable[[int], None] | None = None) -> TrainHistory:
     """Minimise the cross-entropy of ``forward(x)`` (B, ...) → logits (B, s) against y (B,) over ``batches``,
-    one ``optimizer`` step per batch, through :func:`run_steps`. Only the optimizer's parameters change."""
+    one ``optimizer`` step per batch, through :func:`run_steps`. Only the optimizer's parameters change. Every
+    learning rate of ``optimizer`` must be a finite number > 0 (0, negative, inf or NaN would not train)."""
+    for group in optimizer.param_groups:
+        validation.positive_number("lr", group["lr"])
 
     def step(x: torch.Tensor, y: torch.Tensor, valid: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         logits = forward(x[0])
@@ -328,6 +332,14 @@ def _check_frozen(model: nn.Module) -> dict[str, nn.Parameter]:
     return params
 
 
+def _check_trained(histories: Sequence[TrainHistory], first: int = 0) -> None:
+    """Refuse a task whose iterable gave no batch: its result would be the untrained start, reported as trained."""
+    empty = [first + k for k, history in enumerate(histories[first:]) if not history.loss]
+    if empty:
+        raise ValueError(f"the batches of task(s) {empty} gave no batch, so nothing was trained; give at least "
+                         f"one batch (e.g. num_batches ≥ 1)")
+
+
 def train_supermasks(model: nn.Module, batches_per_task: Sequence[Iterable[Batch]], *, seeds: Sequence[int],
                      lr: float = 1e-4, keep_frac: float | None = None, chunk: int | None = None,
                      progress: bool = True) -> TrainResult:
@@ -342,20 +354,18 @@ def train_supermasks(model: nn.Module, batches_per_task: Sequence[Iterable[Batch
     Returns one dict of bool masks (shaped like W) and one history per task, in order, and the seconds.
     """
     params = _check_frozen(model)
-    seeds = [int(s) for s in seeds]
+    seeds = [validation.integer(f"seeds[{k}]", s) for k, s in enumerate(seeds)]
     if len(batches_per_task) == 0:
         raise ValueError("batches_per_task is empty: give at least one task's batches")
     if len(seeds) != len(batches_per_task):
         raise ValueError(f"need one seed per task: {len(batches_per_task)} tasks, {len(seeds)} seeds")
-    if not lr > 0:
-        raise ValueError(f"lr must be > 0, got {lr}")
-    if keep_frac is not None and not 0.0 < keep_frac <= 1.0:
+    lr = validation.positive_number("lr", lr)
+    if keep_frac is not None and not 0.0 < validation.positive_number("keep_frac", keep_frac) <= 1.0:
         raise ValueError(f"keep_frac is the fraction of weights kept and must lie in (0, 1], got {keep_frac}")
     device = next(iter(params.values())).device
+    chunk = validation.optional_integer("chunk (tasks stepped together)", chunk, minimum=1)
     if chunk is None:
         chunk = len(seeds) if device.type == "cuda" else 1
-    if chunk < 1:
-        raise ValueError(f"chunk (tasks stepped together) must be ≥ 1 or None, got {chunk}")
     weights = mlp_weights(model)
     masks, histories = [], []
     _sync(device)
@@ -367,6 +377,7 @@ def train_supermasks(model: nn.Module, batches_per_task: Sequence[Iterable[Batch
         count = len(seeds[part])
         description = f"{count} mask{'s' if count > 1 else ''}" + (f" from task {first}" if len(seeds) > 1 else "")
         histories += run_steps(step, batches_per_task[part], progress=progress, description=description)
+        _check_trained(histories, first)
         masks += [final_masks(step.task_scores(k), keep_frac=keep_frac) for k in range(count)]
     _sync(device)
     return TrainResult(masks, histories, time.perf_counter() - start)
@@ -390,12 +401,13 @@ def train_bank(model: nn.Module, stream: TaskStream, *, num_tasks: int, bank: Ma
     ``k``. A new bank is made for ``model`` and ``stream`` (both fingerprinted in it) unless ``bank`` is given: then
     it must fit both, and it is filled from task ``len(bank)`` on, which resumes an interrupted run. Returns it.
     """
-    if k < 1:
-        raise ValueError(f"k (tasks trained at once) must be ≥ 1, got {k}")
-    if not 1 <= num_tasks <= stream.num_tasks:
+    k = validation.integer("k (tasks trained at once)", k, minimum=1)
+    if not 1 <= validation.integer("num_tasks", num_tasks) <= stream.num_tasks:
         raise ValueError(f"num_tasks must lie in 1..{stream.num_tasks} (the stream's tasks), got {num_tasks}")
-    if num_batches is not None and num_batches < 1:
-        raise ValueError(f"num_batches must be ≥ 1 or None (one epoch), got {num_batches}")
+    num_batches = validation.optional_integer("num_batches", num_batches, minimum=1)
+    batch_size = validation.integer("batch_size", batch_size, minimum=1)
+    seed = validation.integer("seed", seed)
+    lr = validation.positive_number("lr", lr)
     if bank is None:
         bank = MaskBank.for_model(model, stream=stream)
     else:
@@ -419,6 +431,7 @@ def train_dense(model: nn.Module, batches: Iterable[Batch], *, lr: float = 1e-4,
                 description: str = "dense training") -> TrainResult:
     """Ordinary training of all of ``model``'s weights with RMSprop(lr), in place, one step per batch.
     Returns a result without masks (the history of the one task, the seconds)."""
+    lr = validation.positive_number("lr", lr)
     model.requires_grad_(True).train()
     optimizer = torch.optim.RMSprop(model.parameters(), lr=lr)
     device = next(model.parameters()).device
@@ -429,6 +442,7 @@ def train_dense(model: nn.Module, batches: Iterable[Batch], *, lr: float = 1e-4,
     finally:
         model.eval()
     _sync(device)
+    _check_trained([history])
     return TrainResult([], [history], time.perf_counter() - start)
 
 
@@ -436,14 +450,17 @@ def train_dense(model: nn.Module, batches: Iterable[Batch], *, lr: float = 1e-4,
 @torch.no_grad()
 def predict(model: nn.Module, weights: dict[str, torch.Tensor] | None, x: torch.Tensor,
             batch_size: int = 2048) -> torch.Tensor:
-    """Predicted labels (N,) of ``model`` with effective ``weights`` (None: its own) on x (N, ...)."""
+    """Predicted labels (N,) of ``model`` with effective ``weights`` (None: its own) on x (N, ...): a batch of
+    finite images the model takes (``validation.images``)."""
+    validation.images(model, x)
+    batch_size = validation.integer("batch_size", batch_size, minimum=1)
     return torch.cat([masked_forward(model, weights, x[i:i + batch_size]).argmax(1)
                       for i in range(0, x.shape[0], batch_size)])
 
 
 def evaluate(model: nn.Module, weights: dict[str, torch.Tensor] | None, x: torch.Tensor, y: torch.Tensor,
              batch_size: int = 2048) -> float:
-    """Accuracy in [0, 1] of ``model`` with effective ``weights`` on (x (N, ...), y (N,))."""
-    if x.shape[0] != y.shape[0] or x.shape[0] == 0:
-        raise ValueError(f"need as many labels as inputs (and at least one): {x.shape[0]} inputs, {y.shape[0]} labels")
+    """Accuracy in [0, 1] of ``model`` with effective ``weights`` on (x (N, ...), y (N,)): x a batch of finite
+    images the model takes, y int64 class indices below the model's output size (``validation.labels``)."""
+    validation.labels(model, y, validation.images(model, x).shape[0])
     return (predict(model, weights, x, batch_size) == y).float().mean().item()

@@ -10,7 +10,7 @@ from __future__ import annotations
 import html
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import ipywidgets as widgets
 import torch
@@ -23,6 +23,7 @@ from ..core.superpose import superposed_weights
 from ..data.mnist import TaskStream
 
 MAX_TASKS = 10
+TIE_TOLERANCE = 1e-5  # gradients closer than this fraction of the largest are equal (float32 sums differ by ulps)
 
 
 @dataclass
@@ -36,14 +37,37 @@ class AlphaReadout:
     grad: torch.Tensor
 
     @property
-    def steepest(self) -> int:
-        """The task One-Shot would pick from here: argmin_t ∂H/∂α_t."""
+    def steepest(self) -> int | None:
+        """The task One-Shot would pick from here: argmin_t ∂H/∂α_t; None when no task is steeper than the others
+        (every gradient equal up to float rounding, ``TIE_TOLERANCE`` of the largest |∂H/∂α|, e.g. all 0) or a
+        gradient is not finite."""
+        if not bool(torch.isfinite(self.grad).all()):
+            return None
+        spread, scale = self.grad.max() - self.grad.min(), self.grad.abs().max()
+        if self.grad.numel() > 1 and bool(spread <= TIE_TOLERANCE * scale):
+            return None
         return int(self.grad.argmin())
+
+    @property
+    def problem(self) -> str | None:
+        """Why this readout names no steepest task (None when it does)."""
+        if self.steepest is not None:
+            return None
+        if not bool(torch.isfinite(self.grad).all()):
+            return "∂H/∂α is not finite here: no task is steeper; press “uniform α” or move a slider"
+        return ("every ∂H/∂α is equal, so no task is steeper (One-Shot would only pick the first); move a slider "
+                "or press “uniform α”")
 
 
 def effective_alphas(raw: Sequence[float], normalise: bool) -> torch.Tensor:
-    """α from the slider values: as set, or divided by their sum (Σα = 1) when ``normalise`` and the sum is > 0."""
+    """α from the slider values: as set, or divided by their sum (Σα = 1) when ``normalise`` and the sum is > 0.
+    Raises ``ValueError`` for a negative or non-finite (NaN, inf) value."""
     alphas = torch.tensor([float(v) for v in raw])
+    if not bool(torch.isfinite(alphas).all()):
+        bad = [f"α{t}" for t in torch.nonzero(~torch.isfinite(alphas)).flatten().tolist()]
+        values = alphas[~torch.isfinite(alphas)].tolist()
+        raise ValueError(f"α must be finite numbers, but {', '.join(bad)} = {values}: "
+                         f"set {'it' if len(bad) == 1 else 'them'} to a number in [0, 1]")
     if (alphas < 0).any():
         raise ValueError(f"α must be ≥ 0, got {alphas.tolist()}")
     total = alphas.sum()
@@ -103,7 +127,9 @@ def bars_html(values: Sequence[float], labels: Sequence[str], title: str, highli
 class AlphaExplorer:
     """Sliders for α (one per task, ≤ ``MAX_TASKS``), a "normalise Σα = 1" toggle, an image picker (task,
     index), live bars of the output distribution and of ∂H/∂α, the entropy, and buttons that apply One-Shot,
-    a binary-search step, or reset α to uniform. ``readout`` always holds the numbers on display."""
+    a binary-search step, or reset α to uniform. ``readout`` always holds the numbers on display; in a degenerate
+    state (all α = 0, a slider at NaN) it is None, the status line says why, the step buttons do nothing, and the
+    next valid change redraws. When every ∂H/∂α is equal the readout names no steepest task, and says so."""
 
     def __init__(self, model: nn.Module, bank: MaskBank, stream: TaskStream, task: int = 0, index: int = 0,
                  normalise: bool = True) -> None:
@@ -128,9 +154,8 @@ class AlphaExplorer:
         self.readout: AlphaReadout | None = None
         for control in [*self.sliders, self.normalise, self.task, self.index]:
             control.observe(self.update, names="value")
-        self.one_shot_button.on_click(lambda _: self.set_alphas(one_shot_step(self.readout.grad).tolist()))
-        self.binary_button.on_click(
-            lambda _: self.set_alphas(binary_step(self.readout.alphas, self.readout.grad).tolist()))
+        self.one_shot_button.on_click(lambda _: self._step(lambda r: one_shot_step(r.grad)))
+        self.binary_button.on_click(lambda _: self._step(lambda r: binary_step(r.alphas, r.grad)))
         self.reset_button.on_click(lambda _: self.set_alphas([1.0 / tasks] * tasks))
         self.update()
 
@@ -154,6 +179,12 @@ class AlphaExplorer:
             self._holding = False
         self.update()
 
+    def _step(self, rule: Callable[[AlphaReadout], torch.Tensor]) -> None:
+        """Apply a search step to the current readout; in a degenerate state leave α as it is (the readout says
+        why)."""
+        if self.readout is not None and self.readout.steepest is not None:
+            self.set_alphas(rule(self.readout).tolist())
+
     def set_alphas(self, values: Sequence[float]) -> None:
         """Move the sliders to ``values`` (one update)."""
         with self._hold():
@@ -166,12 +197,19 @@ class AlphaExplorer:
         if self._holding:
             return
         x, label = self.image()
-        alphas = effective_alphas(self.raw_alphas(), self.normalise.value)
+        try:
+            alphas = effective_alphas(self.raw_alphas(), self.normalise.value)
+        except ValueError as err:
+            return self._show_problem(str(err))
+        if not bool(alphas.any()):
+            return self._show_problem("all α are 0: the superposed network has no weights and its output says "
+                                      "nothing; move a slider or press “uniform α”")
         self.readout = readout = alpha_readout(self.model, self.bank, x, alphas)
+        steepest = (f"steepest descent: task <b>{readout.steepest}</b>" if readout.problem is None
+                    else f"<span style='color:#c0392b'>{html.escape(readout.problem)}</span>")
         self.status.value = (f"H = <b>{readout.entropy:.3f}</b> nats (max log s = "
                              f"{torch.log(torch.tensor(float(readout.probs.numel()))):.3f}) · "
-                             f"steepest descent: task <b>{readout.steepest}</b> · image from task "
-                             f"{self.task.value}, label {label} · α = "
+                             f"{steepest} · image from task {self.task.value}, label {label} · α = "
                              f"[{', '.join(f'{a:.2f}' for a in readout.alphas.tolist())}]")
         shown = min(readout.probs.numel(), 20)
         self.output_bars.value = bars_html(readout.probs[:shown].tolist(), [str(j) for j in range(shown)],
@@ -179,6 +217,13 @@ class AlphaExplorer:
                                            highlight=int(readout.probs.argmax()))
         self.grad_bars.value = bars_html(readout.grad.tolist(), [f"α{t}" for t in range(readout.grad.numel())],
                                          "∂H/∂α", highlight=readout.steepest)
+
+    def _show_problem(self, message: str) -> None:
+        """A degenerate state: no readout, the reason in the status line, empty bars (the next valid change
+        redraws everything)."""
+        self.readout = None
+        self.status.value = f"<span style='color:#c0392b'>{html.escape(message)}</span>"
+        self.output_bars.value = self.grad_bars.value = ""
 
     @property
     def widget(self) -> widgets.Widget:

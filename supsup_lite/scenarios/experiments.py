@@ -13,6 +13,15 @@ results in its run folder (``--out``, resumed when it exists: finished tasks are
 checkpoints not re-evaluated, wall and CPU time are summed over the sessions); ``preset`` also writes the summary
 ``results/<preset>.json`` (and ``.csv``: one row per checkpoint).
 
+**Run folders are trusted conservatively.** Every file in one (``results.json``, ``bank.pt``, ``gg_batches.pt``,
+``learner.pt`` and ``learner/``) carries a format version and checksums and is written atomically
+(``core.files``); a damaged one is refused by name. Resuming checks the files against each other and against the
+settings: a missing or older file, counts that disagree, fewer tasks than trained, or other settings stop the run
+with a ``RunFolderError`` that says what disagrees and how to continue, and nothing is written. The one
+disagreement a kill can cause — a save interrupted between its files, leaving the bank or learner at most
+``save_every`` tasks ahead of ``results.json`` — is resumed. ``--overwrite`` (``overwrite=True``) removes the run
+files and starts over.
+
 **GNu.** Masks are trained K = ``save_every`` tasks at once (``training.train_bank``); after every K tasks the bank
 (``bank.pt``, bit-packed) and ``results.json`` are saved. At each checkpoint T (the authors' ``eval_ckpts``) the
 evaluation is the paper's GNu protocol (:func:`protocols.gnu_score`): each task's test set, in a fixed shuffle
@@ -47,6 +56,7 @@ import os
 import platform
 import resource
 import shlex
+import shutil
 import subprocess
 import sys
 import time
@@ -58,9 +68,11 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from .. import validation
 from ..config import derive_seed, project_root
 from ..config import device as default_device
 from ..core.inference import Objective, entropy, superfluous_logsumexp
+from ..core.files import DamagedFileError, load_json, load_tensors, save_json, save_tensors
 from ..core.masks import MaskBank
 from ..core.models import ARCHITECTURES, frozen_random_model
 from ..core.training import predict, train_bank
@@ -79,6 +91,20 @@ Z_975 = 2.241402727604947  # its 98.75 % quantile: two 97.5 % intervals, combine
 FIXED_SETTINGS = ("model", "outputs", "batches", "batch_size", "lr", "seed", "data_seed", "save_every",
                   "test_batch_size", "eval_seed", "sample_tasks", "sample_batches")
 NNS_FIXED_SETTINGS = FIXED_SETTINGS + ("tasks", "budget", "epsilon", "check_every", "min_slots")
+# The files of a run folder (``--overwrite`` removes exactly these), and their formats.
+RUN_FILES = ("results.json", "bank.pt", "gg_batches.pt", "learner.pt", "learner")
+RESULTS_FORMAT, GG_FORMAT, LEARNER_FORMAT, SLOT_FORMAT = (
+    "supsup-lite-results", "supsup-lite-gg-batches", "supsup-lite-nns-learner", "supsup-lite-nns-slot")
+RESULTS_VERSION = GG_VERSION = LEARNER_VERSION = 1
+
+
+class RunFolderError(ValueError):
+    """The files of a run folder disagree with each other or with the settings asked for."""
+
+
+def load_results(out: str | Path) -> dict[str, Any]:
+    """The results dict a run saved in ``out/results.json`` (format, version and checksum checked)."""
+    return load_json(Path(out) / "results.json", kind=RESULTS_FORMAT, version=RESULTS_VERSION, what="results file")
 
 
 def paper_eval_ckpts(tasks: int) -> tuple[int, ...]:
@@ -373,15 +399,53 @@ class _Session:
         return {"wall_seconds": self.results["wall_seconds"] + time.perf_counter() - self._clock,
                 "cpu_seconds": self.results["cpu_seconds"] + time.process_time() - self._cpu_clock}
 
+    def _open_folder(self, out: str | Path | None, overwrite: bool) -> None:
+        """Check the run folder ``out`` (a writable folder; created when missing) and, with ``overwrite``, remove the
+        run files a previous run left there (only those: :data:`RUN_FILES`)."""
+        self.out = None if out is None else validation.output_folder("out", out)
+        if self.out is not None and overwrite:
+            for name in RUN_FILES:
+                path = self.out / name
+                if path.is_dir():
+                    shutil.rmtree(path)
+                else:
+                    path.unlink(missing_ok=True)
+
+    def _found(self, *names: str) -> list[str]:
+        return [name for name in names if self.out is not None and (self.out / name).exists()]
+
+    def _refuse(self, problem: str, fix: str = "restore the missing or older file from a copy") -> RunFolderError:
+        """The error for a run folder whose files disagree: what disagrees, and how to continue."""
+        return RunFolderError(f"{self.out}: {problem}. Nothing was changed; to continue, {fix}, use another --out, "
+                              f"or pass --overwrite (overwrite=True) to start this run over (its files are replaced)")
+
     def _load_saved(self, fixed: Sequence[str], config: Any) -> dict[str, Any] | None:
-        if self.out is None or not (self.out / "results.json").exists():
+        """The saved ``results.json`` of the run folder (None for a new run), checked against the settings."""
+        if self.out is None:
             return None
-        saved = json.loads((self.out / "results.json").read_text())
+        if not (self.out / "results.json").exists():
+            others = self._found(*RUN_FILES)
+            if others:
+                raise self._refuse(f"the folder holds {', '.join(others)} but no results.json, so nothing says "
+                                   f"which run they belong to or what was evaluated")
+            return None
+        try:
+            saved = load_results(self.out)
+        except DamagedFileError as err:
+            raise DamagedFileError(f"{err}; restore results.json from a copy, or pass --overwrite "
+                                   f"(overwrite=True) to start the run over") from err
+        if saved.get("experiment") != self.results["experiment"]:
+            raise RunFolderError(f"{self.out} holds a {saved.get('experiment')} run, not {self.results['experiment']}; "
+                                 f"use another --out")
         differ = {k: (saved["config"].get(k), getattr(config, k)) for k in fixed
                   if saved["config"].get(k) != getattr(config, k)}
         if differ:
-            raise ValueError(f"{self.out} holds a run with other settings (saved, asked): {differ}; "
-                             f"use another --out, or delete {self.out} to start over")
+            raise RunFolderError(f"{self.out} holds a run with other settings (saved, asked): {differ}; use another "
+                                 f"--out, or pass --overwrite (overwrite=True) to start over with these settings")
+        trained = int(saved["tasks_trained"])
+        if config.tasks < trained:
+            raise self._refuse(f"the run has trained {trained} tasks but tasks={config.tasks} was asked, and saving "
+                               f"would drop the masks and numbers of the tasks beyond", f"ask for tasks ≥ {trained}")
         for key in ("train_seconds", "eval_seconds", "wall_seconds", "cpu_seconds", "train_seconds_at",
                     "checkpoints", "sessions"):
             self.results[key] = saved.get(key, self.results[key])
@@ -389,12 +453,8 @@ class _Session:
         return saved
 
     def _write_json(self) -> None:
-        if self.out is None:
-            return
-        self.out.mkdir(parents=True, exist_ok=True)
-        tmp = self.out / "results.json.tmp"
-        tmp.write_text(json.dumps(self.results, indent=1))
-        tmp.replace(self.out / "results.json")
+        if self.out is not None:
+            save_json(self.out / "results.json", self.results, kind=RESULTS_FORMAT, version=RESULTS_VERSION)
 
     def result(self, tasks: int, objective: str) -> dict[str, Any] | None:
         """The saved result of checkpoint ``tasks`` with ``objective``, or None."""
@@ -430,36 +490,73 @@ class GNuRun(_Session):
     With ``out`` set, everything is saved there and an existing run in ``out`` is resumed.
     """
 
-    def __init__(self, config: GNuConfig, out: str | Path | None = None, progress: bool = True) -> None:
+    def __init__(self, config: GNuConfig, out: str | Path | None = None, progress: bool = True, *,
+                 overwrite: bool = False) -> None:
         self._start_clocks()
         self.config, self.progress = config, progress
-        self.out = Path(out) if out is not None else None
+        self._open_folder(out, overwrite)
         self.device = default_device()
         self.model = frozen_random_model(config.model, config.outputs, config.seed, self.device)
         self.stream = PermutedMNIST(config.tasks, seed=config.data_seed, device=self.device)
         self.bank = MaskBank.for_model(self.model, stream=self.stream)
+        self._bank_saved = self.bank.version  # the bank's version in bank.pt: unchanged banks are not rewritten
         self.num_test = self.stream.test_set(0)[1].shape[0]
         self.num_batches = -(-self.num_test // config.test_batch_size)
         # per-batch counts of each task's own mask (NaN: not measured yet)
         self.gg_batches = torch.full((config.tasks, self.num_batches), math.nan, device=self.device)
         self.results = _new_results("gnu_permuted_mnist", config)
-        if self._load_saved(FIXED_SETTINGS, config) is not None:
-            self._resume()
+        saved = self._load_saved(FIXED_SETTINGS, config)
+        if saved is not None:
+            self._resume(saved)
         self.results["sessions"] += 1
 
     # --- files ------------------------------------------------------------------------------------
-    def _resume(self) -> None:
-        if (self.out / "bank.pt").exists():
-            bank = MaskBank.load(self.out / "bank.pt", device=self.device)
-            bank.check_compatible(self.model)
-            self.bank = bank
-            self.results["tasks_trained"] = len(bank)
-        if (self.out / "gg_batches.pt").exists():
-            saved = torch.load(self.out / "gg_batches.pt", weights_only=True)[:len(self.bank)].to(self.device)
-            self.gg_batches[:saved.shape[0]] = saved
+    def _resume(self, saved: dict[str, Any]) -> None:
+        """Load ``bank.pt`` and ``gg_batches.pt`` and check them against ``results.json`` (saved). A kill between the
+        writes of one save may leave the bank and the GG counts up to ``save_every`` tasks ahead of the results;
+        anything else that disagrees stops the run (:meth:`_refuse`)."""
+        trained, c = int(saved["tasks_trained"]), self.config
+        if not (self.out / "bank.pt").exists():
+            if trained or self._found("gg_batches.pt"):
+                raise self._refuse(f"results.json records {trained} trained tasks but bank.pt, their masks, is missing")
+            return
+        bank = MaskBank.load(self.out / "bank.pt", device=self.device)
+        bank.check_compatible(self.model)
+        bank.check_stream(self.stream)
+        if not trained <= len(bank) <= min(trained + c.save_every, c.tasks):
+            raise self._refuse(f"bank.pt holds {len(bank)} tasks but results.json records {trained} trained (a save "
+                               f"interrupted between the two leaves the bank at most save_every={c.save_every} "
+                               f"ahead, within tasks={c.tasks})")
+        self.bank, self._bank_saved = bank, bank.version
+        self.results["tasks_trained"] = len(bank)
+        if not len(bank):
+            return
+        if not (self.out / "gg_batches.pt").exists():
+            raise self._refuse(f"bank.pt holds {len(bank)} tasks but gg_batches.pt, their per-batch GG counts, is "
+                               f"missing")
+        meta, tensors = load_tensors(self.out / "gg_batches.pt", kind=GG_FORMAT, version=GG_VERSION,
+                                     what="per-batch GG file")
+        counts = tensors.get("gg_batches")
+        expected = {"test_batch_size": c.test_batch_size, "eval_seed": c.eval_seed}
+        if ({k: meta.get(k) for k in expected} != expected or counts is None or counts.dim() != 2
+                or counts.shape[1] != self.num_batches or not trained <= counts.shape[0] <= len(bank)):
+            raise self._refuse(f"gg_batches.pt holds {tuple(getattr(counts, 'shape', ()))} counts for "
+                               f"{ {k: meta.get(k) for k in expected} }, but the run needs ({trained}..{len(bank)}, "
+                               f"{self.num_batches}) for {expected}")
+        recorded = saved.get("gg_per_task") or []
+        if len(recorded) < trained:
+            raise self._refuse(f"results.json lists GG accuracies of {len(recorded)} tasks but {trained} are trained")
+        accuracy = (counts.sum(1) / self.num_test).tolist()
+        differ = [t for t, value in enumerate(recorded[:counts.shape[0]])
+                  if value is not None and not abs(accuracy[t] - value) <= 0.5 / self.num_test]  # half an image
+        if differ:
+            raise self._refuse(f"gg_batches.pt and results.json disagree on the GG accuracy of tasks {differ[:5]}"
+                               f"{' …' if len(differ) > 5 else ''}")
+        self.gg_batches[:counts.shape[0]] = counts.to(self.device)
 
     def save(self) -> None:
-        """Write ``bank.pt``, ``gg_batches.pt`` and ``results.json`` (each atomically) when ``out`` is set."""
+        """Write ``bank.pt`` (when it changed), ``gg_batches.pt`` and ``results.json``, in that order, each atomically
+        and with a checksum, when ``out`` is set."""
         self._tick()
         gg = (self.gg_batches[:len(self.bank)].sum(1) / self.num_test).tolist()
         self.results["gg_per_task"] = [None if math.isnan(v) else v for v in gg]  # None: not measured (sampled)
@@ -467,11 +564,13 @@ class GNuRun(_Session):
                                        for t in self.config.checkpoints for o in self.config.objectives)
         if self.out is None:
             return
-        self.out.mkdir(parents=True, exist_ok=True)
         if len(self.bank):
-            self.bank.save(self.out / "bank.pt")
-            torch.save(self.gg_batches[:len(self.bank)].cpu(), self.out / "gg_batches.pt.tmp")
-            (self.out / "gg_batches.pt.tmp").replace(self.out / "gg_batches.pt")
+            if self.bank.version != self._bank_saved:
+                self.bank.save(self.out / "bank.pt")
+                self._bank_saved = self.bank.version
+            save_tensors(self.out / "gg_batches.pt", kind=GG_FORMAT, version=GG_VERSION,
+                         metadata={"test_batch_size": self.config.test_batch_size, "eval_seed": self.config.eval_seed},
+                         tensors={"gg_batches": self.gg_batches[:len(self.bank)]})
         self._write_json()
 
     # --- training -----------------------------------------------------------------------------------
@@ -586,7 +685,8 @@ def _overall_bar(config: Any, done: int, progress: bool, what: str) -> tqdm:
     return tqdm(total=config.tasks, initial=done, disable=not progress, unit="task", desc=what, smoothing=0.1)
 
 
-def gnu_permuted_mnist(config: GNuConfig, out: str | Path | None = None, progress: bool = True) -> dict[str, Any]:
+def gnu_permuted_mnist(config: GNuConfig, out: str | Path | None = None, progress: bool = True, *,
+                       overwrite: bool = False) -> dict[str, Any]:
     """Run (or resume, when ``out`` holds a saved run) GNu PermutedMNIST; return the results dict.
 
     For each checkpoint T in order: train up to T tasks (K = ``save_every`` at a time, saving as it goes), then
@@ -595,8 +695,11 @@ def gnu_permuted_mnist(config: GNuConfig, out: str | Path | None = None, progres
     of this process, all threads; both summed over resumed sessions) and ``checkpoints``: one record per
     (T, objective) with ``gnu_accuracy``, ``task_inference_accuracy``, ``gg_accuracy``, per-task lists, timings,
     ``bank_bytes``, peak memory and, when sampled, ``evaluated_tasks``, ``sample`` and ``ci95``.
+
+    A resumed folder must agree with itself and with ``config`` (else ``RunFolderError`` or ``DamagedFileError``
+    says what disagrees, and nothing is written); ``overwrite=True`` removes its run files and starts over.
     """
-    run = GNuRun(config, out, progress)
+    run = GNuRun(config, out, progress, overwrite=overwrite)
     run.save()
     with _overall_bar(config, len(run.bank), progress, "GNu PermutedMNIST") as bar:
         for tasks in config.checkpoints:
@@ -611,13 +714,35 @@ def gnu_permuted_mnist(config: GNuConfig, out: str | Path | None = None, progres
 
 
 # --- Scenario NNs ------------------------------------------------------------------------------------------
+def _slot_files_content(scores: dict[str, torch.Tensor], optimizer_state: dict) -> dict[str, Any]:
+    """One mask's scores and RMSprop state as the metadata and tensors of a checked file (``files.save_tensors``):
+    tensors ``scores/<name>`` and ``state/<param index>/<key>``, metadata the parameter groups and score names."""
+    tensors = {f"scores/{name}": s.detach() for name, s in scores.items()}
+    for index, entry in optimizer_state["state"].items():
+        tensors |= {f"state/{index}/{key}": value for key, value in entry.items()}
+    return {"metadata": {"param_groups": optimizer_state["param_groups"], "scores": list(scores)},
+            "tensors": tensors}
+
+
+def _slot_state(meta: dict[str, Any], tensors: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict]:
+    """Inverse of :func:`_slot_files_content`: (scores, optimizer state dict)."""
+    state: dict[int, dict[str, torch.Tensor]] = {}
+    for key, value in tensors.items():
+        if key.startswith("state/"):
+            _, index, name = key.split("/", 2)
+            state.setdefault(int(index), {})[name] = value
+    return ({name: tensors[f"scores/{name}"] for name in meta["scores"]},
+            {"state": state, "param_groups": meta["param_groups"]})
+
+
 class NNsRun(_Session):
     """The state of one NNs run: frozen model, stream, :class:`NNsLearner` (saved in ``learner.pt``), results."""
 
-    def __init__(self, config: NNsConfig, out: str | Path | None = None, progress: bool = True) -> None:
+    def __init__(self, config: NNsConfig, out: str | Path | None = None, progress: bool = True, *,
+                 overwrite: bool = False) -> None:
         self._start_clocks()
         self.config, self.progress = config, progress
-        self.out = Path(out) if out is not None else None
+        self._open_folder(out, overwrite)
         self.device = default_device()
         self.model = frozen_random_model(config.model, config.outputs, config.seed, self.device)
         self.stream = PermutedMNIST(config.tasks, seed=config.data_seed, device=self.device)
@@ -628,15 +753,32 @@ class NNsRun(_Session):
         self._slot_files: list[str] = []
         self._saved: tuple[int, int | None, int, int] = (0, None, 0, 0)  # log entries, live, batches, saves
         self.results = _new_results("nns_permuted_mnist", config)
-        if self._load_saved(NNS_FIXED_SETTINGS, config) is not None and (self.out / "learner.pt").exists():
-            self._resume()
+        saved = self._load_saved(NNS_FIXED_SETTINGS, config)
+        if saved is not None:
+            self._resume(saved)
         self.results["sessions"] += 1
 
-    def _resume(self) -> None:
-        meta = torch.load(self.out / "learner.pt", weights_only=True)
+    def _resume(self, saved: dict[str, Any]) -> None:
+        """Load ``learner.pt`` and its slot files and check them against ``results.json`` (saved): the learner may be
+        up to ``save_every`` tasks ahead (a kill between the two writes), never behind."""
+        trained, c = int(saved["tasks_trained"]), self.config
+        if not (self.out / "learner.pt").exists():
+            if trained or self._found("learner"):
+                raise self._refuse(f"results.json records {trained} tasks learned but learner.pt, the learner's "
+                                   f"state, is missing")
+            return
+        meta, _ = load_tensors(self.out / "learner.pt", kind=LEARNER_FORMAT, version=LEARNER_VERSION,
+                               what="NNs learner state")
+        if not trained <= meta["tasks_seen"] <= min(trained + c.save_every, c.tasks):
+            raise self._refuse(f"learner.pt has seen {meta['tasks_seen']} tasks but results.json records {trained} "
+                               f"(a save interrupted between the two leaves the learner at most "
+                               f"save_every={c.save_every} ahead)")
         for file in meta["slot_files"]:
-            state = torch.load(self.out / "learner" / file, weights_only=True, map_location=self.device)
-            self.learner.restore(state["scores"], state["optimizer"])
+            path = self.out / "learner" / file
+            if not path.exists():
+                raise self._refuse(f"learner.pt lists the mask state {path.name}, which is missing from learner/")
+            slot, tensors = load_tensors(path, kind=SLOT_FORMAT, version=LEARNER_VERSION, what="NNs mask state")
+            self.learner.restore(*_slot_state(slot, tensors))
         self.learner.live, self.learner.batches_seen = meta["live"], meta["batches_seen"]
         self.learner.log = [Check(**check) for check in meta["log"]]
         self.tasks_seen = self.results["tasks_trained"] = meta["tasks_seen"]
@@ -647,7 +789,7 @@ class NNsRun(_Session):
         """Write the learner state and ``results.json``. Each mask's scores and RMSprop state live in their own
         file ``learner/slot_<i>_<save number>.pt``, rewritten only when the mask trained since the last save; then
         ``learner.pt`` (the list of slot files, the log, the stream position) is replaced atomically, so a kill
-        at any moment leaves the previous consistent state."""
+        at any moment leaves the previous consistent state. Every file carries a format version and checksums."""
         self._tick()
         learner = self.learner
         self.results["masks"] = len(learner)
@@ -662,14 +804,13 @@ class NNsRun(_Session):
         files, stale = list(self._slot_files) + [None] * (len(learner) - len(self._slot_files)), []
         for slot in sorted(dirty):
             name = f"slot_{slot:05d}_{saves + 1}.pt"
-            torch.save({"scores": {n: s.detach() for n, s in learner.scores[slot].items()},
-                        "optimizer": learner.optimizers[slot].state_dict()}, self.out / "learner" / name)
+            save_tensors(self.out / "learner" / name, kind=SLOT_FORMAT, version=LEARNER_VERSION,
+                         **_slot_files_content(learner.scores[slot], learner.optimizers[slot].state_dict()))
             stale.append(files[slot])
             files[slot] = name
         meta = {"slot_files": files, "live": learner.live, "batches_seen": learner.batches_seen,
                 "log": [asdict(check) for check in learner.log], "tasks_seen": self.tasks_seen, "saves": saves + 1}
-        torch.save(meta, self.out / "learner.pt.tmp")
-        (self.out / "learner.pt.tmp").replace(self.out / "learner.pt")
+        save_tensors(self.out / "learner.pt", kind=LEARNER_FORMAT, version=LEARNER_VERSION, metadata=meta, tensors={})
         for name in stale:
             if name is not None and name not in files:
                 (self.out / "learner" / name).unlink(missing_ok=True)
@@ -724,11 +865,12 @@ class NNsRun(_Session):
         return record
 
 
-def nns_permuted_mnist(config: NNsConfig, out: str | Path | None = None, progress: bool = True) -> dict[str, Any]:
+def nns_permuted_mnist(config: NNsConfig, out: str | Path | None = None, progress: bool = True, *,
+                       overwrite: bool = False) -> dict[str, Any]:
     """Run (or resume) Scenario NNs on PermutedMNIST; return the results dict (``out/results.json``): as
-    :func:`gnu_permuted_mnist`, with per-checkpoint records of ``nns_accuracy`` (shared labels), masks allocated,
-    checks made and checks skipped for want of budget."""
-    run = NNsRun(config, out, progress)
+    :func:`gnu_permuted_mnist` (resume checks and ``overwrite`` too), with per-checkpoint records of
+    ``nns_accuracy`` (shared labels), masks allocated, checks made and checks skipped for want of budget."""
+    run = NNsRun(config, out, progress, overwrite=overwrite)
     run.save()
     with _overall_bar(config, run.tasks_seen, progress, "NNs PermutedMNIST") as bar:
         for tasks in config.checkpoints:
@@ -750,10 +892,10 @@ SUMMARY_COLUMNS = ("tasks", "objective", "gnu_accuracy", "gnu_ci95_low", "gnu_ci
 
 
 def run_experiment(config: GNuConfig | NNsConfig, out: str | Path | None = None,
-                   progress: bool = True) -> dict[str, Any]:
+                   progress: bool = True, *, overwrite: bool = False) -> dict[str, Any]:
     """Run or resume ``config`` (:func:`gnu_permuted_mnist` or :func:`nns_permuted_mnist`)."""
     runner = gnu_permuted_mnist if isinstance(config, GNuConfig) else nns_permuted_mnist
-    return runner(config, out, progress)
+    return runner(config, out, progress, overwrite=overwrite)
 
 
 def summary(preset: Preset, results: dict[str, Any], *, command: str) -> dict[str, Any]:
@@ -797,14 +939,15 @@ def write_summary(preset: Preset, results: dict[str, Any], *, command: str, fold
 
 
 def run_preset(name: str, *, out: str | Path | None = None, results_dir: str | Path | None = None,
-               progress: bool = True, command: str | None = None) -> dict[str, Any]:
+               progress: bool = True, command: str | None = None, overwrite: bool = False) -> dict[str, Any]:
     """Run or resume preset ``name`` in ``out`` (default ``runs/<name>``) and write its summary to ``results_dir``
-    (default ``<project>/results``). Returns the full results dict."""
+    (default ``<project>/results``). ``overwrite``: start the run over (see :func:`gnu_permuted_mnist`). Returns the
+    full results dict."""
     if name not in PRESETS:
         raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
     preset = PRESETS[name]
     out = Path(out) if out is not None else Path("runs") / name
-    results = run_experiment(preset.config, out, progress)
+    results = run_experiment(preset.config, out, progress, overwrite=overwrite)
     command = command or f"python -m supsup_lite preset {name} --out {out}"
     write_summary(preset, results, command=command,
                   folder=results_dir if results_dir is not None else project_root() / "results")
@@ -853,10 +996,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                      help="K: tasks trained at once and between saves")
     gnu.add_argument("--sample-tasks", type=int, default=None, help="evaluate a seeded sample of this many tasks")
     gnu.add_argument("--sample-batches", type=int, default=None, help="evaluate this many test batches per task")
-    gnu.add_argument("--out", type=Path, default=None, help="run folder (resumed when it exists)")
+    gnu.add_argument("--out", type=Path, default=None, help="run folder (resumed when it exists; see --overwrite)")
     for command in (preset, gnu):
         command.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
         command.add_argument("--no-progress", action="store_true")
+        command.add_argument("--overwrite", action="store_true",
+                             help="start over in --out, replacing its saved run (default: resume it, and stop if its "
+                                  "files disagree)")
     return parser.parse_args(argv)
 
 
@@ -881,11 +1027,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.experiment == "preset":
             results = run_preset(args.name, out=args.out, results_dir=args.results, progress=not args.no_progress,
-                                 command=shlex.join(["python", "-m", "supsup_lite", *argv]))
+                                 command=shlex.join(["python", "-m", "supsup_lite", *argv]), overwrite=args.overwrite)
         else:
             settings = {f.name: getattr(args, f.name) for f in fields(GNuConfig) if hasattr(args, f.name)}
-            results = gnu_permuted_mnist(GNuConfig(**settings), args.out, progress=not args.no_progress)
-    except ValueError as err:  # bad settings, or --out holding another run or a damaged bank
+            results = gnu_permuted_mnist(GNuConfig(**settings), args.out, progress=not args.no_progress,
+                                         overwrite=args.overwrite)
+    except (ValueError, OSError) as err:  # bad settings, an unusable --out, a run folder that disagrees or is damaged
         print(f"error: {err}", file=sys.stderr)
         return 2
     print(json.dumps({k: v for k, v in results.items() if k != "checkpoints"}

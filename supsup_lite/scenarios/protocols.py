@@ -24,6 +24,8 @@ from ..core.inference import (
     Objective,
     binary_search,
     binary_search_each,
+    check_group_size,
+    check_inputs,
     entropy,
     first_tasks,
     is_fully_connected,
@@ -80,8 +82,8 @@ def infer_tasks(model: nn.Module, bank: MaskBank, x: torch.Tensor, *, group_size
     One-Shot on a fully connected model is batched (exact); otherwise each group is inferred on its own.
     """
     check_search(search)
-    if group_size < 1 or x.shape[0] % group_size:
-        raise ValueError(f"group_size must be ≥ 1 and divide the {x.shape[0]} images, got {group_size}")
+    check_inputs(model, bank, x)
+    group_size = check_group_size(group_size, x.shape[0])
     if is_fully_connected(model):
         if search == "binary":
             return binary_search_each(model, bank, x, objective=objective, num_tasks=num_tasks,
