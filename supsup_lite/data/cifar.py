@@ -49,8 +49,8 @@ def cifar100_available(root: str | Path | None = None) -> bool:
 
 def cifar100_skip_message(root: str | Path | None = None) -> str:
     """One line for a notebook that skips its SplitCIFAR100 section, saying how to enable it."""
-    root = Path(root) if root is not None else data_root()
-    return (f"Skipping SplitCIFAR100: CIFAR-100 is not under {root}. To run this section, set SUPSUP_DATA to a "
+    where = f"{root}" if root is not None else "SUPSUP_DATA"
+    return (f"Skipping SplitCIFAR100: CIFAR-100 is not under {where}. To run this section, set SUPSUP_DATA to a "
             f"folder holding torchvision's cifar-100-python/ (or run once with internet access to download it).")
 
 

@@ -1,4 +1,5 @@
-"""Scenario NNs: learn a stream of batches with no task ids and no announced task boundaries (PAPER.md §2.7).
+"""Scenario NNs: learn a stream of batches with no task ids and no announced task boundaries (paper §3.4 and
+§4.3; the authors' `trainers/nns.py`).
 
 The learner only ever sees training batches (x, y). Every ``check_every`` batches (the paper: 100) it asks the
 masks it already has whether they know the data. With n masks superposed at α = 1/n (Eq. 2),
@@ -16,7 +17,7 @@ initial masks of the next slots. We keep that padding, explicitly: while fewer t
 the initial (untrained) masks of the next slots join the superposition as *references*. A reference is never
 trained, never stored in the bank, never chosen: if a reference wins the argmax, the data looks more like a
 random mask than like any learned one, so it is a new task (the authors' code would train that untrained slot
-without counting it, PAPER.md §7.5).
+without counting it, in `trainers/nns.py`).
 
 Budget. At most ``budget`` masks are allocated. A check that asks for a new mask when the budget is spent
 trains nothing until the next check (the authors' behaviour, the "final dip" of their Fig. 4): old masks are

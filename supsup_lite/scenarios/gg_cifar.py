@@ -1,6 +1,6 @@
 """Scenario GG on SplitCIFAR100: one top-k supermask and one set of BatchNorm statistics per task.
 
-The paper's recipe (PAPER.md §3.1, ``rn18-supsup``): a frozen signed-constant GEM ResNet-18; for each task,
+The paper's recipe (§4.1; the authors' ``experiments/GG/splitcifar100`` scripts, ``rn18-supsup``): a frozen signed-constant GEM ResNet-18; for each task,
 scores s ~ U(±1/√fan_in), mask M = top-k(|s|) per layer with k the Erdős–Rényi density of the budget,
 straight-through gradient, Adam(lr 1e-3, weight decay 1e-4) with a cosine schedule stepped per epoch,
 250 epochs of batch 128 with crop+flip augmentation. The task is given at test time (GG): task t is

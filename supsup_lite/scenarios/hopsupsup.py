@@ -1,7 +1,7 @@
 """HopSupSup [P §3.5]: one binary mask per hidden *neuron* per task, stored in Hopfield networks and
 recovered at test time without the task id.
 
-The network is the authors' BNNet (PAPER.md §2.8): 784 → 2048 → 2048 → 10, frozen signed-constant weights,
+The network is the authors' BNNet (``models/small.py``): 784 → 2048 → 2048 → 10, frozen signed-constant weights,
 no biases; after each hidden layer a BatchNorm without affine parameters that always uses the batch's
 statistics, then the task's neuron mask m ∈ {0, 1}^d, then Swish. (The authors pass m as the BN weight;
 BN(z)·m followed by Swish is the same thing, and since Swish(0) = 0 it equals masking the layer's output.)

@@ -1,4 +1,4 @@
-"""Evaluation protocols of task-agnostic SupSup (PAPER.md §2.5): GG, GNs, GNu, and task-inference accuracy.
+"""Evaluation protocols of task-agnostic SupSup (paper §3.3, §4.2): GG, GNs, GNu, and task-inference accuracy.
 
 * **GG** — the task is given: classify task t's test set with mask t.
 * **GNs** — infer the task once from a few test images, then classify the whole test set with the inferred mask.
