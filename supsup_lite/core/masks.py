@@ -9,10 +9,10 @@ from typing import TYPE_CHECKING, Mapping
 import torch
 from torch import nn
 
-from .bits import pack_bits, packed_size, unpack_bits
-from .files import check_tensor, read_state, save_tensors, tensor_checksum
 from .. import validation
 from ..config import resolve_device
+from .bits import pack_bits, packed_size, unpack_bits
+from .files import check_tensor, read_state, save_tensors, tensor_checksum
 from .models import maskable_parameters
 
 if TYPE_CHECKING:
@@ -71,7 +71,7 @@ def supermask_weight(weight: torch.Tensor, scores: torch.Tensor) -> torch.Tensor
     return _MaskedWeight.apply(weight, scores)
 
 
-def _topk_keep(magnitude: torch.Tensor, keep_frac: float) -> torch.Tensor:
+def topk_keep(magnitude: torch.Tensor, keep_frac: float) -> torch.Tensor:
     """Float {0, 1} mask keeping all but the ⌊(1 − keep_frac)·n⌋ smallest entries of ``magnitude`` (no grad)."""
     if not 0.0 < keep_frac <= 1.0:
         raise ValueError(f"keep_frac is the fraction of weights kept and must lie in (0, 1], got {keep_frac}")
@@ -90,7 +90,7 @@ def topk_supermask(scores: torch.Tensor, keep_frac: float) -> torch.Tensor:
     scores: any shape → float mask of the same shape.
     """
     magnitude = scores.abs()
-    return _StraightThrough.apply(magnitude, _topk_keep(magnitude, keep_frac))
+    return _StraightThrough.apply(magnitude, topk_keep(magnitude, keep_frac))
 
 
 def final_masks(scores: Masks, *, keep_frac: float | Mapping[str, float] | None = None) -> Masks:
@@ -110,7 +110,7 @@ def final_masks(scores: Masks, *, keep_frac: float | Mapping[str, float] | None 
         if keep_frac is None:
             return {name: s.detach() >= 0 for name, s in scores.items()}
         fracs = keep_frac if isinstance(keep_frac, Mapping) else dict.fromkeys(scores, keep_frac)
-        return {name: _topk_keep(s.abs(), fracs[name]) > 0 for name, s in scores.items()}
+        return {name: topk_keep(s.abs(), fracs[name]) > 0 for name, s in scores.items()}
 
 
 def apply_masks(model: nn.Module, masks: Masks) -> Masks:

@@ -37,7 +37,15 @@ from tqdm.auto import tqdm
 from .. import validation
 from ..config import derive_seed
 from ..data.mnist import Batch, TaskStream
-from .masks import MaskBank, Masks, _topk_keep, final_masks, init_scores, supermask_weight, topk_supermask
+from .masks import (
+    MaskBank,
+    Masks,
+    final_masks,
+    init_scores,
+    supermask_weight,
+    topk_keep,
+    topk_supermask,
+)
 from .models import batched_masked_forward, maskable_parameters, masked_forward
 
 Forward = Callable[[torch.Tensor], torch.Tensor]
@@ -283,7 +291,7 @@ class _MLPMaskStep:
             return
         for s, e, w in zip(self.s, self.e, self.weights):
             for k in range(self.k):
-                torch.mul(w, _topk_keep(s[k].abs(), self.keep_frac), out=e[k])
+                torch.mul(w, topk_keep(s[k].abs(), self.keep_frac), out=e[k])
 
     @torch.no_grad()
     def __call__(self, x: torch.Tensor, y: torch.Tensor,
