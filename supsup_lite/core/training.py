@@ -37,15 +37,7 @@ from tqdm.auto import tqdm
 from .. import validation
 from ..config import derive_seed
 from ..data.mnist import Batch, TaskStream
-from .masks import (
-    MaskBank,
-    Masks,
-    final_masks,
-    init_scores,
-    supermask_weight,
-    topk_keep,
-    topk_supermask,
-)
+from .masks import MaskBank, Masks, final_masks, init_scores, supermask_weight, topk_keep, topk_supermask
 from .models import batched_masked_forward, maskable_parameters, masked_forward
 
 Forward = Callable[[torch.Tensor], torch.Tensor]
