@@ -39,7 +39,8 @@ def csc_matrix_bytes(mask: torch.Tensor, index_bytes: int = INDEX_BYTES) -> int:
     pointer cannot count past 65,535 kept weights). Row indices need out ≤ 2^(8·index_bytes).
     """
     if mask.dim() < 2:
-        raise ValueError(f"a CSC mask needs a weight with ≥ 2 dimensions (out, fan_in, ...), got shape {tuple(mask.shape)}")
+        raise ValueError(f"a CSC mask needs a weight with ≥ 2 dimensions (out, fan_in, ...), "
+                         f"got shape {tuple(mask.shape)}")
     rows, columns = mask.shape[0], math.prod(mask.shape[1:])
     if rows > 2 ** (8 * index_bytes):
         raise ValueError(f"{rows} rows do not fit {8 * index_bytes}-bit row indices")

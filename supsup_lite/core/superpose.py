@@ -369,9 +369,9 @@ def uniform_prefix(alphas: torch.Tensor) -> int | None:
 def uniform_counts(bank: MaskBank, name: str, num_tasks: int) -> torch.Tensor:
     """Σ_{t < k} M_t of parameter ``name`` over the first k = ``num_tasks`` tasks, as int32 (P,) on the bank's device.
 
-    Cached per bank: reused until the bank changes (``bank.version``, bumped by ``append`` and ``replace``) or moves; the
-    ``UNIFORM_CACHE_SIZE`` most recent prefix lengths are kept. This is the superposition of One-Shot (α = 1/k)
-    and of binary search's first step, identical for every batch.
+    Cached per bank: reused until the bank changes (``bank.version``, bumped by ``append`` and ``replace``) or
+    moves; the ``UNIFORM_CACHE_SIZE`` most recent prefix lengths are kept. This is the superposition of One-Shot (α
+    = 1/k) and of binary search's first step, identical for every batch.
     """
     packed = bank.packed(name)
     entries = _UNIFORM_CACHE.setdefault(bank, OrderedDict())

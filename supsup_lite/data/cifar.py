@@ -100,7 +100,8 @@ def crop_flip(x: torch.Tensor, top: torch.Tensor, left: torch.Tensor, flip: torc
     """
     b, c, h, w = x.shape
     if not top.shape == left.shape == flip.shape == (b,):
-        raise ValueError(f"need one (top, left, flip) per image: batch {b}, got {top.shape}, {left.shape}, {flip.shape}")
+        raise ValueError(f"need one (top, left, flip) per image: batch {b}, "
+                         f"got {top.shape}, {left.shape}, {flip.shape}")
     dev = x.device
     padded = fill.to(x).view(1, c, 1, 1).repeat(b, 1, h + 2 * padding, w + 2 * padding)
     padded[:, :, padding:padding + h, padding:padding + w] = x

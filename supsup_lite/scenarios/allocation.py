@@ -271,9 +271,9 @@ def nns_accuracy(model: nn.Module, bank: MaskBank, stream: TaskStream, *, tasks:
     """The paper's Scenario NNs evaluation: One-Shot (H) with shared labels.
 
     As in :func:`supsup_lite.scenarios.protocols.gnu_accuracy`, each data task's test set (in the order of
-    ``protocols.test_order``) is cut into batches of ``batch_size``, each batch's mask is inferred from its first image and
-    the batch is classified with that mask; but a mask index that is not the task's own is not penalised (labels
-    are shared, and in NNs the learner never knew which mask "belongs" to a task): :func:`gnu_score` with
+    ``protocols.test_order``) is cut into batches of ``batch_size``, each batch's mask is inferred from its first
+    image and the batch is classified with that mask; but a mask index that is not the task's own is not penalised
+    (labels are shared, and in NNs the learner never knew which mask "belongs" to a task): :func:`gnu_score` with
     ``true_tasks=None``. Accuracy per task = correct / test size.
     ``tasks`` are data tasks of ``stream`` (there may be more or fewer than masks). ``batches``: score only the
     first that many batches of each shuffled test set (a seeded random sample of batches · batch_size images;

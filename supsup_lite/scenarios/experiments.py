@@ -144,9 +144,10 @@ class GNuConfig:
     ``G`` (superfluous logsumexp), evaluated on the same bank; batches, batch_size, lr: RMSprop training per task;
     seed: base network seed and run seed of the masks (task t's scores and batches: ``derive_seed(seed, t, …)``);
     data_seed: PermutedMNIST task t uses ``RandomState(data_seed + t)`` (the paper's scripts: 1); test_batch_size,
-    eval_seed: the evaluation batches (task t's test images in the order ``protocols.test_order``); checkpoints: task counts
-    at which to evaluate (default :func:`paper_eval_ckpts`); save_every: K, tasks trained at once between saves;
-    sample_tasks, sample_batches: evaluate a seeded sample of that many tasks / first test batches per task at
+    eval_seed: the evaluation batches (task t's test images in the order ``protocols.test_order``); checkpoints:
+    task counts at which to evaluate (default :func:`paper_eval_ckpts`); save_every: K, tasks trained at once
+    between saves; sample_tasks, sample_batches: evaluate a seeded sample of that many tasks / first test batches
+    per task at
     each checkpoint (None: all, the paper's protocol).
     """
 
@@ -189,7 +190,8 @@ class NNsConfig:
     tasks data tasks are streamed one after another, ``batches`` batches of ``batch_size`` each (the i-th task's
     batches seeded with ``derive_seed(seed, i, "batches")``); the learner checks for a new task every
     ``check_every`` batches (n·max softmax(−∂H/∂α) < 1 + ``epsilon``, padded to ``min_slots`` slots) and allocates
-    at most ``budget`` masks; save_every: tasks between saves of the learner state. The other settings as in :class:`GNuConfig`.
+    at most ``budget`` masks; save_every: tasks between saves of the learner state. The other settings as in
+    :class:`GNuConfig`.
     """
 
     tasks: int = 2500

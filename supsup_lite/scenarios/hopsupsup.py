@@ -115,7 +115,8 @@ def evaluate_neuron_masks(model: BNNet, masks: Sequence[torch.Tensor], x: torch.
     a last batch of one image is merged into the one before it.
     """
     if x.shape[0] != y.shape[0] or x.shape[0] < 2:
-        raise ValueError(f"need as many labels as images and at least 2 images: {x.shape[0]} images, {y.shape[0]} labels")
+        raise ValueError(f"need as many labels as images and at least 2 images: {x.shape[0]} images, "
+                         f"{y.shape[0]} labels")
     masks = [m.float() for m in masks]
     correct = sum(int((model(xb, masks).argmax(1) == yb).sum())
                   for xb, yb in zip(split_batches(x, batch_size), split_batches(y, batch_size)))
