@@ -147,8 +147,7 @@ class GNuConfig:
     eval_seed: the evaluation batches (task t's test images in the order ``protocols.test_order``); checkpoints:
     task counts at which to evaluate (default :func:`paper_eval_ckpts`); save_every: K, tasks trained at once
     between saves; sample_tasks, sample_batches: evaluate a seeded sample of that many tasks / first test batches
-    per task at
-    each checkpoint (None: all, the paper's protocol).
+    per task at each checkpoint (None: all, the paper's protocol).
     """
 
     tasks: int = 250

@@ -4,8 +4,7 @@ The paper's recipe (§4.1; the authors' ``experiments/GG/splitcifar100`` scripts
 signed-constant GEM ResNet-18; for each task, scores s ~ U(±1/√fan_in), mask M = top-k(|s|) per layer with k the
 Erdős–Rényi density of the budget, straight-through gradient, Adam(lr 1e-3, weight decay 1e-4) with a cosine
 schedule stepped per epoch, 250 epochs of batch 128 with crop+flip augmentation. The task is given at test time
-(GG): task t is
-evaluated with its own mask *and its own BatchNorm statistics*.
+(GG): task t is evaluated with its own mask *and its own BatchNorm statistics*.
 """
 from __future__ import annotations
 
