@@ -112,48 +112,23 @@ def paper_eval_ckpts(tasks: int) -> tuple[int, ...]:
     return tuple(sorted({min(10, tasks)} | {max(1, round(tasks * k / 5)) for k in range(1, 6)}))
 
 
-def _check_common(config: Any) -> None:
-    """Checks shared by :class:`GNuConfig` and :class:`NNsConfig`; raise ``ValueError`` naming the setting."""
-    if config.model not in ARCHITECTURES:
-        raise ValueError(f"unknown model {config.model!r}; choose one of {sorted(ARCHITECTURES)} "
-                         f"(or the aliases {sorted(MODEL_ALIASES)})")
-    for key in ("tasks", "batches", "batch_size", "test_batch_size", "save_every"):
-        if getattr(config, key) < 1:
-            raise ValueError(f"{key} must be ≥ 1, got {getattr(config, key)}")
-    for key in ("sample_tasks", "sample_batches"):
-        if getattr(config, key) is not None and getattr(config, key) < 1:
-            raise ValueError(f"{key} must be ≥ 1, or None to evaluate all; got {getattr(config, key)}")
-    if config.outputs < REAL_CLASSES:
-        raise ValueError(f"outputs must be ≥ {REAL_CLASSES} (the digit classes), got {config.outputs}")
-    if not 1 <= config.checkpoints[0] <= config.checkpoints[-1] <= config.tasks:
-        raise ValueError(f"checkpoints must lie in 1..tasks={config.tasks}, got {config.checkpoints}")
-
-
-def _normalise(config: Any) -> None:
-    set_ = lambda key, value: object.__setattr__(config, key, value)  # noqa: E731 (frozen dataclass)
-    set_("model", MODEL_ALIASES.get(config.model, config.model))
-    set_("checkpoints", tuple(sorted(set(config.checkpoints or paper_eval_ckpts(config.tasks)) | {config.tasks})))
-
-
 @dataclass(frozen=True)
-class GNuConfig:
-    """One GNu PermutedMNIST run. Defaults: the authors' LeNet-250 scripts (1000 batches of 128, RMSprop 1e-4).
+class RunSettings:
+    """The settings every PermutedMNIST run of the CLI shares (GNu and NNs).
 
     tasks: number of permutations learned; model: ``lenet_300_100`` | ``fc_1024_1024`` (aliases ``lenet``,
-    ``fc1024``); outputs: s, the output size (> 10 for objective G); objectives: any of ``H`` (entropy) and
-    ``G`` (superfluous logsumexp), evaluated on the same bank; batches, batch_size, lr: RMSprop training per task;
-    seed: base network seed and run seed of the masks (task t's scores and batches: ``derive_seed(seed, t, …)``);
-    data_seed: PermutedMNIST task t uses ``RandomState(data_seed + t)`` (the paper's scripts: 1); test_batch_size,
-    eval_seed: the evaluation batches (task t's test images in the order ``protocols.test_order``); checkpoints:
-    task counts at which to evaluate (default :func:`paper_eval_ckpts`); save_every: K, tasks trained at once
-    between saves; sample_tasks, sample_batches: evaluate a seeded sample of that many tasks / first test batches
-    per task at each checkpoint (None: all, the paper's protocol).
+    ``fc1024``); outputs: s, the output size; batches, batch_size, lr: RMSprop training per task; seed: base network
+    seed and run seed of the masks (task t's scores and batches: ``derive_seed(seed, t, …)``); data_seed:
+    PermutedMNIST task t uses ``RandomState(data_seed + t)`` (the paper's scripts: 1); test_batch_size, eval_seed:
+    the evaluation batches (task t's test images in the order ``protocols.test_order``); checkpoints: task counts
+    at which to evaluate (default :func:`paper_eval_ckpts`); save_every: tasks between saves (GNu: K, tasks trained
+    at once); sample_tasks, sample_batches: evaluate a seeded sample of that many tasks / first test batches per
+    task at each checkpoint (None: all, the paper's protocol).
     """
 
     tasks: int = 250
     model: str = "lenet_300_100"
     outputs: int = 100
-    objectives: tuple[str, ...] = ("H", "G")
     batches: int = 1000
     batch_size: int = 128
     lr: float = 1e-4
@@ -167,13 +142,42 @@ class GNuConfig:
     sample_batches: int | None = None
 
     def __post_init__(self) -> None:
-        _normalise(self)
-        object.__setattr__(self, "objectives", tuple(self.objectives))
+        set_ = lambda key, value: object.__setattr__(self, key, value)  # noqa: E731 (frozen dataclass)
+        set_("model", MODEL_ALIASES.get(self.model, self.model))
+        set_("checkpoints", tuple(sorted(set(self.checkpoints or paper_eval_ckpts(self.tasks)) | {self.tasks})))
         self.validate()
 
     def validate(self) -> None:
         """Raise ``ValueError`` naming the offending setting and what is expected."""
-        _check_common(self)
+        if self.model not in ARCHITECTURES:
+            raise ValueError(f"unknown model {self.model!r}; choose one of {sorted(ARCHITECTURES)} "
+                             f"(or the aliases {sorted(MODEL_ALIASES)})")
+        for key in ("tasks", "batches", "batch_size", "test_batch_size", "save_every"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"{key} must be ≥ 1, got {getattr(self, key)}")
+        for key in ("sample_tasks", "sample_batches"):
+            if getattr(self, key) is not None and getattr(self, key) < 1:
+                raise ValueError(f"{key} must be ≥ 1, or None to evaluate all; got {getattr(self, key)}")
+        if self.outputs < REAL_CLASSES:
+            raise ValueError(f"outputs must be ≥ {REAL_CLASSES} (the digit classes), got {self.outputs}")
+        if not 1 <= self.checkpoints[0] <= self.checkpoints[-1] <= self.tasks:
+            raise ValueError(f"checkpoints must lie in 1..tasks={self.tasks}, got {self.checkpoints}")
+
+
+@dataclass(frozen=True)
+class GNuConfig(RunSettings):
+    """One GNu PermutedMNIST run (see :class:`RunSettings`). Defaults: the authors' LeNet-250 scripts (1000 batches
+    of 128, RMSprop 1e-4). objectives: any of ``H`` (entropy) and ``G`` (superfluous logsumexp, needs s > 10),
+    evaluated on the same bank."""
+
+    objectives: tuple[str, ...] = ("H", "G")
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "objectives", tuple(self.objectives))
+        super().__post_init__()
+
+    def validate(self) -> None:  # noqa: D102
+        super().validate()
         unknown = [o for o in self.objectives if o not in OBJECTIVES]
         if unknown or not self.objectives:
             raise ValueError(f"objectives must be a non-empty subset of {sorted(OBJECTIVES)}, got {self.objectives}")
@@ -183,38 +187,26 @@ class GNuConfig:
 
 
 @dataclass(frozen=True)
-class NNsConfig:
-    """One Scenario NNs PermutedMNIST run. Defaults: the authors' ``experiments/NNs/supsup.py`` (§4.3).
+class NNsConfig(RunSettings):
+    """One Scenario NNs PermutedMNIST run (see :class:`RunSettings`). Defaults: the authors'
+    ``experiments/NNs/supsup.py`` (§4.3).
 
     tasks data tasks are streamed one after another, ``batches`` batches of ``batch_size`` each (the i-th task's
     batches seeded with ``derive_seed(seed, i, "batches")``); the learner checks for a new task every
     ``check_every`` batches (n·max softmax(−∂H/∂α) < 1 + ``epsilon``, padded to ``min_slots`` slots) and allocates
-    at most ``budget`` masks; save_every: tasks between saves of the learner state. The other settings as in
-    :class:`GNuConfig`.
+    at most ``budget`` masks; save_every: tasks between saves of the learner state.
     """
 
     tasks: int = 2500
-    budget: int = 2500
-    model: str = "lenet_300_100"
     outputs: int = 500
+    save_every: int = 50
+    budget: int = 2500
     epsilon: float = EPSILON
     check_every: int = 100
     min_slots: int = 5
-    batches: int = 1000
-    batch_size: int = 128
-    lr: float = 1e-4
-    seed: int = 0
-    data_seed: int = 1
-    test_batch_size: int = 128
-    eval_seed: int = 0
-    checkpoints: tuple[int, ...] | None = None
-    save_every: int = 50
-    sample_tasks: int | None = None
-    sample_batches: int | None = None
 
-    def __post_init__(self) -> None:
-        _normalise(self)
-        _check_common(self)
+    def validate(self) -> None:  # noqa: D102
+        super().validate()
         if self.budget < 1 or self.check_every < 1 or not math.isfinite(self.epsilon) or self.epsilon < 0:
             raise ValueError(f"budget and check_every must be ≥ 1 and epsilon a finite number ≥ 0; got "
                              f"budget={self.budget}, check_every={self.check_every}, epsilon={self.epsilon}")
@@ -387,8 +379,14 @@ class _Session:
     results: dict[str, Any]
     out: Path | None
 
-    def _start_clocks(self) -> None:
+    def _start(self, config: RunSettings, out: str | Path | None, progress: bool, overwrite: bool) -> None:
+        """Start the clocks, open the run folder, and build the frozen model and the task stream of ``config``."""
         self._clock, self._cpu_clock = time.perf_counter(), time.process_time()
+        self.config, self.progress = config, progress
+        self._open_folder(out, overwrite)
+        self.device = default_device()
+        self.model = frozen_random_model(config.model, config.outputs, config.seed, self.device)
+        self.stream = PermutedMNIST(config.tasks, seed=config.data_seed, device=self.device)
 
     def _tick(self) -> None:
         now, cpu_now = time.perf_counter(), time.process_time()
@@ -493,12 +491,7 @@ class GNuRun(_Session):
 
     def __init__(self, config: GNuConfig, out: str | Path | None = None, progress: bool = True, *,
                  overwrite: bool = False) -> None:
-        self._start_clocks()
-        self.config, self.progress = config, progress
-        self._open_folder(out, overwrite)
-        self.device = default_device()
-        self.model = frozen_random_model(config.model, config.outputs, config.seed, self.device)
-        self.stream = PermutedMNIST(config.tasks, seed=config.data_seed, device=self.device)
+        self._start(config, out, progress, overwrite)
         self.bank = MaskBank.for_model(self.model, stream=self.stream)
         self._bank_saved = self.bank.version  # the bank's version in bank.pt: unchanged banks are not rewritten
         self.num_test = self.stream.test_set(0)[1].shape[0]
@@ -741,12 +734,7 @@ class NNsRun(_Session):
 
     def __init__(self, config: NNsConfig, out: str | Path | None = None, progress: bool = True, *,
                  overwrite: bool = False) -> None:
-        self._start_clocks()
-        self.config, self.progress = config, progress
-        self._open_folder(out, overwrite)
-        self.device = default_device()
-        self.model = frozen_random_model(config.model, config.outputs, config.seed, self.device)
-        self.stream = PermutedMNIST(config.tasks, seed=config.data_seed, device=self.device)
+        self._start(config, out, progress, overwrite)
         self.learner = NNsLearner(self.model, budget=config.budget, epsilon=config.epsilon,
                                   check_every=config.check_every, min_slots=config.min_slots, lr=config.lr,
                                   seed=config.seed)
