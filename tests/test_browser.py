@@ -171,6 +171,17 @@ def test_alpha_explorer_in_jupyterlab(jupyterlab, tmp_path):
     def expected(raw: list[float]):
         return alpha_readout(model, bank, x, effective_alphas(raw, normalise=True))
 
+    def act_and_check(page, action, raw: list[float], what: str, screenshot: str):
+        """Do ``action`` on the page, wait for the kernel's answer, and check the page shows the readout of the
+        sliders ``raw`` that the action must produce; returns (raw, the expected state)."""
+        before = status_text(page)
+        action()
+        wait_for_change(page, before)
+        state = expected(raw)
+        assert_shows(page, state, what)
+        page.screenshot(path=str(SCREENSHOTS / screenshot))
+        return raw, state
+
     url, token = jupyterlab
     SCREENSHOTS.mkdir(parents=True, exist_ok=True)
     with sync_playwright() as playwright:
@@ -199,34 +210,22 @@ def test_alpha_explorer_in_jupyterlab(jupyterlab, tmp_path):
             page.screenshot(path=str(SCREENSHOTS / "1_uniform.png"))
 
             # binary step: keep the ⌈k/2⌉ tasks with the smallest ∂H/∂α.
-            before = status_text(page)
-            page.locator(".widget-button", has_text="binary step").click()
-            wait_for_change(page, before)
-            raw = [round(a, 2) for a in binary_step(state.alphas, state.grad).tolist()]
-            assert sum(a > 0 for a in raw) == TASKS // 2
-            state = expected(raw)
-            assert_shows(page, state, "after binary step")
-            page.screenshot(path=str(SCREENSHOTS / "2_binary_step.png"))
+            halved = [round(a, 2) for a in binary_step(state.alphas, state.grad).tolist()]
+            assert sum(a > 0 for a in halved) == TASKS // 2
+            raw, state = act_and_check(page, page.locator(".widget-button", has_text="binary step").click,
+                                       halved, "after binary step", "2_binary_step.png")
 
             # one-shot step: all weight on argmin ∂H/∂α.
-            before = status_text(page)
-            page.locator(".widget-button", has_text="one-shot step").click()
-            wait_for_change(page, before)
-            raw = one_shot_step(state.grad).tolist()
-            state = expected(raw)
-            assert_shows(page, state, "after one-shot step")
-            page.screenshot(path=str(SCREENSHOTS / "3_one_shot_step.png"))
+            corner = one_shot_step(state.grad).tolist()
+            raw, state = act_and_check(page, page.locator(".widget-button", has_text="one-shot step").click,
+                                       corner, "after one-shot step", "3_one_shot_step.png")
 
             # Move another task's slider to its maximum with the keyboard.
             moved = (int(torch.tensor(raw).argmax()) + 1) % TASKS
-            before = status_text(page)
-            sliders.nth(moved).locator(".noUi-handle").first.press("End")
-            wait_for_change(page, before)
+            raised = [1.0 if t == moved else a for t, a in enumerate(raw)]
+            raw, state = act_and_check(page, lambda: sliders.nth(moved).locator(".noUi-handle").first.press("End"),
+                                       raised, f"after moving α{moved} to 1", "4_slider_moved.png")
             assert sliders.nth(moved).locator(".widget-readout").inner_text().strip() == "1.00"
-            raw[moved] = 1.0
-            state = expected(raw)
-            assert_shows(page, state, f"after moving α{moved} to 1")
-            page.screenshot(path=str(SCREENSHOTS / "4_slider_moved.png"))
         except BaseException:
             page.screenshot(path=str(SCREENSHOTS / "failure.png"))
             raise

@@ -119,23 +119,25 @@ def test_default_blocks_over_127_tasks_leave_the_bank_untouched():
     torch.testing.assert_close(alphas.grad, unpack_bits(packed, 4000, torch.float64) @ upstream)
 
 
-@pytest.fixture(scope="module")
-def random_bank():
-    model = frozen_random_model("lenet_300_100", 20, seed=0, device="cpu")
+def bank_of_random_masks(outputs: int, tasks: int, seed: int) -> tuple[torch.nn.Module, MaskBank]:
+    """LeNet 300-100 (s = ``outputs``) and a bank of ``tasks`` independent random masks (density ½)."""
+    model = frozen_random_model("lenet_300_100", outputs, seed=0, device="cpu")
     bank = MaskBank.for_model(model)
-    g = torch.Generator().manual_seed(0)
-    for _ in range(5):
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(tasks):
         bank.append({n: torch.rand(p.shape, generator=g) < 0.5 for n, p in maskable_parameters(model).items()})
     return model, bank
 
 
+@pytest.fixture(scope="module")
+def random_bank():
+    return bank_of_random_masks(20, 5, seed=0)
+
+
 def test_uniform_counts_are_cached_per_bank_version():
-    model = frozen_random_model("lenet_300_100", 10, seed=0, device="cpu")
-    bank = MaskBank.for_model(model)
-    g = torch.Generator().manual_seed(0)
-    new_masks = lambda: {n: torch.rand(p.shape, generator=g) < 0.5 for n, p in maskable_parameters(model).items()}
-    for _ in range(sp.dense_max_tasks(torch.device("cpu")) + 2):
-        bank.append(new_masks())
+    model, bank = bank_of_random_masks(10, sp.dense_max_tasks(torch.device("cpu")) + 2, seed=0)
+    g = torch.Generator().manual_seed(1)
+    new_masks = lambda: {n: torch.rand(p.shape, generator=g) < 0.5 for n, p in maskable_parameters(model).items()}  # noqa: E731
     name, numel = "1.weight", bank.numels["1.weight"]
     first = uniform_counts(bank, name, len(bank))
     assert uniform_counts(bank, name, len(bank)) is first  # a hit: no second count
@@ -150,11 +152,8 @@ def test_uniform_counts_are_cached_per_bank_version():
 
 def test_uniform_prefix_alphas_use_the_cached_count_with_the_reference_gradient():
     """α = 1/T on a 30-task bank (> DENSE_MAX_TASKS): the cached-count forward and the kernel backward."""
-    model = frozen_random_model("lenet_300_100", 10, seed=0, device="cpu")
-    bank = MaskBank.for_model(model)
-    g = torch.Generator().manual_seed(3)
-    for _ in range(30):
-        bank.append({n: torch.rand(p.shape, generator=g) < 0.5 for n, p in maskable_parameters(model).items()})
+    model, bank = bank_of_random_masks(10, 30, seed=3)
+    g = torch.Generator().manual_seed(4)
     assert len(bank) > sp.dense_max_tasks(torch.device("cpu")) and sp.uniform_prefix(torch.full((30,), 1 / 30)) == 30
     for alphas in (torch.full((30,), 1 / 30), torch.cat([torch.full((26,), 0.5), torch.zeros(4)])):
         ours_a, ref_a = alphas.clone().requires_grad_(True), alphas.clone().requires_grad_(True)

@@ -388,6 +388,19 @@ class _Session:
         self.model = frozen_random_model(config.model, config.outputs, config.seed, self.device)
         self.stream = PermutedMNIST(config.tasks, seed=config.data_seed, device=self.device)
 
+    def _open_results(self, experiment: str, fixed: Sequence[str]) -> None:
+        """Fresh results, or the saved ones of the run folder (checked against the ``fixed`` settings) and the
+        session's files resumed (``_resume``); counts this session."""
+        self.results = _new_results(experiment, self.config)
+        saved = self._load_saved(fixed, self.config)
+        if saved is not None:
+            self._resume(saved)
+        self.results["sessions"] += 1
+
+    def _resume(self, saved: dict[str, Any]) -> None:
+        """Load this kind of run's own files and check them against the saved results (each run defines it)."""
+        raise NotImplementedError
+
     def _tick(self) -> None:
         now, cpu_now = time.perf_counter(), time.process_time()
         self.results["wall_seconds"] += now - self._clock
@@ -498,11 +511,7 @@ class GNuRun(_Session):
         self.num_batches = -(-self.num_test // config.test_batch_size)
         # per-batch counts of each task's own mask (NaN: not measured yet)
         self.gg_batches = torch.full((config.tasks, self.num_batches), math.nan, device=self.device)
-        self.results = _new_results("gnu_permuted_mnist", config)
-        saved = self._load_saved(FIXED_SETTINGS, config)
-        if saved is not None:
-            self._resume(saved)
-        self.results["sessions"] += 1
+        self._open_results("gnu_permuted_mnist", FIXED_SETTINGS)
 
     # --- files ------------------------------------------------------------------------------------
     def _resume(self, saved: dict[str, Any]) -> None:
@@ -741,11 +750,7 @@ class NNsRun(_Session):
         self.tasks_seen = 0
         self._slot_files: list[str] = []
         self._saved: tuple[int, int | None, int, int] = (0, None, 0, 0)  # log entries, live, batches, saves
-        self.results = _new_results("nns_permuted_mnist", config)
-        saved = self._load_saved(NNS_FIXED_SETTINGS, config)
-        if saved is not None:
-            self._resume(saved)
-        self.results["sessions"] += 1
+        self._open_results("nns_permuted_mnist", NNS_FIXED_SETTINGS)
 
     def _resume(self, saved: dict[str, Any]) -> None:
         """Load ``learner.pt`` and its slot files and check them against ``results.json`` (saved): the learner may be
