@@ -11,6 +11,11 @@ reference: the authors' One-Shot (RAIVNLab/supsup, ``mnist/utils`` ``cache_masks
 floor:     one pass reading every packed byte of the bank (an int64 sum over the bytes): the memory floor any
            task inference over T masks must pay; for the per-image gradients also dense GEMMs with the same
            multiply-adds (N · T · P), their compute floor.
+bound:     what limits the α-gradient (one table lookup per stored byte, ``masks_dot``) on this machine, on CPU:
+           the lookups over the largest bank and the read floor at 1 thread and at all threads, and the same
+           lookups on a bank small enough to stay in cache (repeated to the same number of bytes). If the in-cache
+           lookups gain as little from the second thread as the full bank does, the kernel is bound by the
+           instructions per byte the cores can retire, not by memory; ``dot_bytes_per_ns_per_thread`` is that rate.
 
 All paths are timed by ``harness.measure`` (warm-up, ≥ 5 repeats, median with min–max). ``peak_extra_*`` is the
 growth of peak memory during one extra call (Linux /proc VmHWM; CUDA: torch's peak allocation): the extra memory
@@ -33,6 +38,7 @@ from supsup_lite.core.bits import unpack_bits
 from supsup_lite.core.inference import alpha_gradient_each, binary_search, entropy, one_shot
 from supsup_lite.core.masks import MaskBank
 from supsup_lite.core.models import frozen_random_model, maskable_parameters, masked_forward
+from supsup_lite.core.superpose import masks_dot
 
 OUTPUTS = 500
 
@@ -125,6 +131,44 @@ def peak_extra_bytes(call: Callable[[], object], dev: torch.device) -> int | Non
     return None if peak is None or base is None else max(0, (peak - base) * 1024)
 
 
+def dot_every_mask(bank: MaskBank, vectors: dict[str, torch.Tensor], passes: int = 1) -> None:
+    """``passes`` times, ⟨M_t, v⟩ for every task and layer: the α-gradient's one table lookup per stored byte."""
+    for _ in range(passes):
+        for name, numel in bank.numels.items():
+            masks_dot(bank.packed(name), numel, vectors[name])
+
+
+def lookup_bound(model: torch.nn.Module, tasks: int,
+                 repeats: int) -> tuple[dict[str, Timing], dict[str, float], dict[str, float]]:
+    """The α-gradient's lookups and the read floor at 1 thread and at all threads, over a bank of ``tasks`` masks
+    and over a 64-mask bank (2.5 MB: in L2/L3) repeated to as many bytes (CPU only)."""
+    g = torch.Generator().manual_seed(3)
+    vectors = {name: torch.randn(p.numel(), generator=g) for name, p in maskable_parameters(model).items()}
+    big, small = random_bank(model, tasks), random_bank(model, 64, seed=1)
+    passes = max(1, tasks // 64)
+    threads = torch.get_num_threads()
+    timings: dict[str, Timing] = {}
+    for count in sorted({1, threads}):
+        torch.set_num_threads(count)
+        suffix = f"{count}thread"
+        timings[f"ours_dot_T{tasks}_{suffix}"] = measure(lambda: dot_every_mask(big, vectors), repeats=repeats)
+        timings[f"ours_dot_in_cache_{suffix}"] = measure(lambda: dot_every_mask(small, vectors, passes),
+                                                         repeats=repeats)
+        timings[f"floor_read_T{tasks}_{suffix}"] = measure(lambda: read_every_byte(big), repeats=repeats)
+    torch.set_num_threads(threads)
+    one, every = "1thread", f"{threads}thread"
+    ratios = {f"thread_gain_dot_T{tasks}": timings[f"ours_dot_T{tasks}_{one}"].median
+              / timings[f"ours_dot_T{tasks}_{every}"].median,
+              "thread_gain_dot_in_cache": timings[f"ours_dot_in_cache_{one}"].median
+              / timings[f"ours_dot_in_cache_{every}"].median,
+              f"thread_gain_read_T{tasks}": timings[f"floor_read_T{tasks}_{one}"].median
+              / timings[f"floor_read_T{tasks}_{every}"].median,
+              f"ours_dot_T{tasks}_{every}_over_floor": timings[f"ours_dot_T{tasks}_{every}"].median
+              / timings[f"floor_read_T{tasks}_{every}"].median}
+    rate = {"dot_bytes_per_ns_per_thread": round(big.nbytes / timings[f"ours_dot_T{tasks}_{one}"].median / 1e9, 3)}
+    return timings, ratios, rate
+
+
 def run(args: argparse.Namespace, dev: torch.device) -> tuple[dict[str, Timing], dict[str, float], dict]:
     model = frozen_random_model("lenet_300_100", OUTPUTS, seed=0, device=dev)
     g = torch.Generator().manual_seed(1)
@@ -169,6 +213,11 @@ def run(args: argparse.Namespace, dev: torch.device) -> tuple[dict[str, Timing],
     timings[gemm] = measure(same_macs_gemm(model, images.shape[0], args.each_tasks, dev), repeats=args.repeats,
                             device=dev)
     ratios[f"{key}_over_gemm"] = timings[key].median / timings[gemm].median
+    if dev.type == "cpu":
+        bound_timings, bound_ratios, rate = lookup_bound(model, last, args.repeats)
+        timings.update(bound_timings)
+        ratios.update(bound_ratios)
+        extra.update(rate)
     return timings, ratios, extra
 
 

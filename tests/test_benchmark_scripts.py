@@ -111,4 +111,9 @@ def test_task_inference_reports_ours_reference_and_floor():
         assert result[f"same_task_T{tasks}"] is True  # ours and the authors' float-stack One-Shot agree
         assert result[f"ours_one_shot_T{tasks}_over_floor"] > 0
     assert "ours_one_shot_growth_over_linear_T30_to_T60" in result and "ours_each_32x30" in result
+    if result["environment"]["device"] == "cpu":  # what bounds the α-gradient: 1 thread vs all, in cache or not
+        for key in ("ours_dot_T60_1thread", "ours_dot_in_cache_1thread", "floor_read_T60_1thread"):
+            assert result[key]["median"] > 0
+        assert {"thread_gain_dot_T60", "thread_gain_dot_in_cache", "thread_gain_read_T60",
+                "dot_bytes_per_ns_per_thread"} <= set(result)
     assert result["environment"]["device"] in ("cpu", "cuda")
