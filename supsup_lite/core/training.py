@@ -39,9 +39,9 @@ from ..config import derive_seed
 from ..data.mnist import Batch, TaskStream
 from .masks import MaskBank, Masks, final_masks, init_scores, supermask_weight, topk_keep, topk_supermask
 from .models import batched_masked_forward, maskable_parameters, masked_forward
+from .rmsprop import RMSPROP_ALPHA, RMSPROP_EPS, rmsprop_step_
 
 Forward = Callable[[torch.Tensor], torch.Tensor]
-RMSPROP_ALPHA, RMSPROP_EPS = 0.99, 1e-8  # torch.optim.RMSprop's defaults, as the authors use it
 
 
 @dataclass
@@ -251,7 +251,8 @@ class _MLPMaskStep:
     backward dz_L = ∂ΣCE/∂logits (autograd on the logits only), ∂L/∂E_l = dz_lᵀ h_{l−1}, dz_{l−1} =
     relu'(h_{l−1}) ⊙ (dz_l E_l), no dz_0; g = ∂L/∂E ⊙ W (⊙ sign(s) for top-k); RMSprop: v ← αv + (1−α)g²,
     s ← s − lr·g / (√v + ε); then E ← W ⊙ M(s). The matmuls have the shapes and layouts autograd uses and the
-    update the operations of ``torch.optim.RMSprop`` (single-tensor path), so the scores match bit for bit.
+    update the operations of ``torch.optim.RMSprop`` (single-tensor path; for threshold masks the fused passes
+    of :func:`~supsup_lite.core.rmsprop.rmsprop_step_`, same roundings), so the scores match bit for bit.
     All per-task state (s, v, E, ∂L/∂E and a copy of W) lives in flat buffers (layer-major, (K, o, i) views).
     """
 
@@ -265,7 +266,6 @@ class _MLPMaskStep:
         flat = lambda: torch.empty(sum(numels), dtype=first.dtype, device=first.device)  # noqa: E731
         self.s_flat, self.v_flat, self.e_flat, self.g_flat, self.d_flat, self.w_flat = (flat() for _ in range(6))
         self.v_flat.zero_()
-        self.m_flat = flat()  # the float mask: W ⊙ bool would convert the bool to float on every step
         views = lambda buf: [chunk.view(self.k, *w.shape) for chunk, w in zip(buf.split(numels), weights)]  # noqa: E731
         self.s, self.e, self.g, self.w = views(self.s_flat), views(self.e_flat), views(self.g_flat), views(self.w_flat)
         with torch.no_grad():
@@ -278,8 +278,8 @@ class _MLPMaskStep:
     def _refresh_masked_weights(self) -> None:
         """E = W ⊙ M(s) for every task and layer."""
         if self.keep_frac is None:
-            torch.ge(self.s_flat, 0, out=self.m_flat)
-            torch.mul(self.w_flat, self.m_flat, out=self.e_flat)
+            torch.ge(self.s_flat, 0, out=self.d_flat)
+            torch.mul(self.w_flat, self.d_flat, out=self.e_flat)
             return
         for s, e, w in zip(self.s, self.e, self.weights):
             for k in range(self.k):
@@ -309,13 +309,14 @@ class _MLPMaskStep:
                 dh = torch.mm(dz[0], self.e[l][0]).unsqueeze(0) if single else torch.bmm(dz, self.e[l])
                 dz = torch.ops.aten.threshold_backward(dh, hidden[l], 0)
         g, v, d = self.g_flat, self.v_flat, self.d_flat
-        g.mul_(self.w_flat)
-        if self.keep_frac is not None:
-            g.mul_(torch.sgn(self.s_flat, out=d))
-        v.mul_(RMSPROP_ALPHA).addcmul_(g, g, value=1 - RMSPROP_ALPHA)
-        torch.sqrt(v, out=d).add_(RMSPROP_EPS)
-        self.s_flat.addcdiv_(g, d, value=-self.lr)
-        self._refresh_masked_weights()
+        if self.keep_frac is None:  # g ⊙ W, RMSprop and E = W ⊙ 1[s ≥ 0] in three passes (core.rmsprop)
+            rmsprop_step_(self.s_flat, v, g, self.w_flat, self.e_flat, d, lr=self.lr)
+        else:
+            g.mul_(self.w_flat).mul_(torch.sgn(self.s_flat, out=d))
+            v.mul_(RMSPROP_ALPHA).addcmul_(g, g, value=1 - RMSPROP_ALPHA)
+            torch.sqrt(v, out=d).add_(RMSPROP_EPS)
+            self.s_flat.addcdiv_(g, d, value=-self.lr)
+            self._refresh_masked_weights()
         return losses.detach(), _correct(logits.detach(), y, valid)
 
     def task_scores(self, k: int) -> Masks:
