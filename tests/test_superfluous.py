@@ -14,32 +14,28 @@ def _masks(model, seed):
     return {n: s >= 0 for n, s in init_scores(model, torch.Generator().manual_seed(seed)).items()}
 
 
-def test_real_and_superfluous_parts_add_up_to_the_training_gradient(permuted):
+def test_gradient_split_against_autograd_of_the_two_losses_through_the_scores(permuted):
     model = frozen_random_model("lenet_300_100", 40, seed=2)
     x, y = permuted.test_set(1)
     x, y = x[:64], y[:64]
     scores = init_scores(model, torch.Generator().manual_seed(4))
-    masks = {n: s.detach() >= 0 for n, s in scores.items()}
-    split = gradient_split(model, masks, x, y)
+    split = gradient_split(model, {n: s.detach() >= 0 for n, s in scores.items()}, x, y)
     params = maskable_parameters(model)
-    loss = F.cross_entropy(masked_forward(model, {n: supermask_weight(params[n], s) for n, s in scores.items()}, x), y)
-    full = torch.autograd.grad(loss, list(scores.values()))
-    # the real part alone is the gradient of CE with the superfluous probabilities' push (p_j, j ≥ 10) removed
     logits = masked_forward(model, {n: supermask_weight(params[n], s) for n, s in scores.items()}, x)
-    p = torch.softmax(logits.detach(), 1)
-    dz_real = (p - F.one_hot(y, 40)) / 64
-    dz_real[:, 10:] = 0
-    real = torch.autograd.grad(logits, list(scores.values()), grad_outputs=dz_real, retain_graph=True)
-    dz_sup = p / 64
+    full = torch.autograd.grad(F.cross_entropy(logits, y), list(scores.values()), retain_graph=True)
+    real = torch.autograd.grad(F.cross_entropy(logits[:, :10], y), list(scores.values()), retain_graph=True)
+    dz_sup = torch.softmax(logits.detach(), 1) / 64
     dz_sup[:, :10] = 0
     sup = torch.autograd.grad(logits, list(scores.values()), grad_outputs=dz_sup)
-    for layer, (g, a, b) in enumerate(zip(full, real, sup)):
-        torch.testing.assert_close(a + b, g, rtol=1e-5, atol=1e-7)
-        torch.testing.assert_close(split["real"][layer], a.double().norm(), rtol=1e-5, atol=0)
-        torch.testing.assert_close(split["superfluous"][layer], b.double().norm(), rtol=1e-5, atol=0)
-        cosine = (a.double().flatten() @ b.double().flatten()) / (a.double().norm() * b.double().norm())
-        torch.testing.assert_close(split["cosine"][layer], cosine, rtol=1e-5, atol=1e-7)
-    torch.testing.assert_close(split["mass"], p[:, 10:].sum(1).double().mean())
+    for layer, (g, g_real, g_sup) in enumerate(zip(full, real, sup)):
+        g, g_real, g_sup = g.double().flatten(), g_real.double().flatten(), g_sup.double().flatten()
+        torch.testing.assert_close(split["full"][layer], g.norm(), rtol=1e-5, atol=0)
+        torch.testing.assert_close(split["real_only"][layer], g_real.norm(), rtol=1e-5, atol=0)
+        torch.testing.assert_close(split["superfluous"][layer], g_sup.norm(), rtol=1e-5, atol=0)
+        torch.testing.assert_close(split["alignment"][layer], g @ g_real / (g.norm() * g_real.norm()),
+                                   rtol=1e-5, atol=1e-7)
+    assert (split["alignment"] < 0.95).all()  # at initialisation the 30 superfluous outputs change the direction
+    torch.testing.assert_close(split["mass"], torch.softmax(logits.detach(), 1)[:, 10:].sum(1).double().mean())
 
 
 def test_a_network_without_superfluous_outputs_or_labels_outside_the_real_classes_is_refused(permuted):

@@ -1,14 +1,17 @@
 """What the superfluous outputs do to a mask's training signal (paper §3.6; notebook 04 asks why GG falls with s).
 
-A network with s outputs is trained on the first ℓ (the real classes) with cross-entropy over all s logits, so
-with p = softmax(z) the logit gradient of one image splits into a real part and a superfluous part,
+A network with s outputs learns ℓ real classes (the first ℓ logits) with the cross-entropy over all s logits.
+With p = softmax(z), m = Σ_{j ≥ ℓ} p_j the probability on the superfluous outputs and p̂ = softmax(z_{<ℓ}) the
+softmax over the real classes alone (so p_j = (1 − m) p̂_j for j < ℓ), one image's logit gradient is
 
-    ∂L/∂z = (p − e_y) = r + u,   r_j = (p_j − [j = y]) [j < ℓ],   u_j = p_j [j ≥ ℓ],
+    ∂L/∂z_j = (1 − m) p̂_j − [j = y]   for j < ℓ,        ∂L/∂z_j = p_j   for j ≥ ℓ,
 
-and, the network being fixed for a given mask, so does the straight-through score gradient of every layer:
-g = ∂L/∂(W ⊙ M) ⊙ W = g_r + g_u (backpropagation is linear in ∂L/∂z). ``g_r`` is the whole gradient of the
-loss restricted to the real classes only up to its softmax normaliser: dropping the superfluous terms from the
-loss (``train_supermasks(..., classes=ℓ)``) removes ``g_u`` and rescales the real softmax to sum to one.
+while the loss over the real classes only (``train_supermasks(..., classes=ℓ)``) has ∂L'/∂z_j = p̂_j − [j = y]
+for j < ℓ and 0 beyond. The full loss pushes the superfluous logits down, and it pushes the *wrong real classes*
+down only (1 − m) times as hard: while m is large (at initialisation m ≈ 1 − ℓ/s when the logits are alike) it
+mostly raises the right class and hardly separates the real classes from each other. For a given mask the
+network is fixed, so backpropagation maps these logit gradients linearly onto the straight-through score
+gradients g = ∂L/∂(W ⊙ M) ⊙ W of every layer; :func:`gradient_split` compares g with the real-only g'.
 """
 from __future__ import annotations
 
@@ -30,13 +33,14 @@ from .protocols import gg_accuracy
 
 def gradient_split(model: nn.Module, masks: Masks, x: torch.Tensor, y: torch.Tensor, *,
                    classes: int = 10) -> dict[str, torch.Tensor]:
-    """The score gradient of the mean cross-entropy over all s outputs, split into its real and superfluous parts.
+    """The score gradient g of the mean cross-entropy over all s outputs against g' of the loss over the first
+    ``classes`` logits only, for one task's ``masks`` (name → bool, shaped like W) on x (B, ...), y (B,).
 
-    x (B, ...), y (B,) labels below ``classes``; ``masks``: one task's bool masks (name → shaped like W). Returns
-    ``real`` and ``superfluous``: (L,) float64 Frobenius norms ‖g_r‖, ‖g_u‖ per maskable layer (module order),
-    ``cosine``: (L,) cos(g_r, g_u) (0 where either is 0), and ``mass``: the mean superfluous probability
-    Σ_{j ≥ classes} p_j over the batch (a 0-d tensor), the share of each image's unit of softmax that ``u``
-    pushes down. g_r + g_u is the gradient ∂CE/∂s that training applies (the module docstring has the split).
+    Returns, per maskable layer (module order), float64 (L,) tensors: ``full`` ‖g‖, ``superfluous`` ‖g_u‖ (the part
+    of g that comes from the superfluous logits, ∂L/∂z_j = p_j for j ≥ ``classes``), ``real_only`` ‖g'‖ and
+    ``alignment`` cos(g, g') (1: the superfluous outputs do not change the direction training takes); and
+    ``mass``, the mean superfluous probability m = Σ_{j ≥ classes} p_j over the batch (0-d). The module docstring
+    derives how g and g' differ. Labels must be real classes (below ``classes``).
     """
     outputs = output_size(model)
     classes = validation.integer("classes (real outputs, the first of the model's)", classes, minimum=1)
@@ -49,24 +53,26 @@ def gradient_split(model: nn.Module, masks: Masks, x: torch.Tensor, y: torch.Ten
                          "superfluous outputs never carry a label")
     params = maskable_parameters(model)
     weights = {name: w.detach().clone().requires_grad_(True) for name, w in apply_masks(model, masks).items()}
-    logits = masked_forward(model, weights, x)
-    dz = (torch.softmax(logits.detach(), dim=1) - F.one_hot(y, outputs).to(logits.dtype)) / y.shape[0]
-    real, superfluous = dz.clone(), dz.clone()
-    real[:, classes:] = 0
-    superfluous[:, :classes] = 0
     names = list(weights)
-    g_r = torch.autograd.grad(logits, [weights[n] for n in names], grad_outputs=real, retain_graph=True)
-    g_u = torch.autograd.grad(logits, [weights[n] for n in names], grad_outputs=superfluous)
-    norms_r, norms_u, cosines = [], [], []
-    for name, a, b in zip(names, g_r, g_u):
-        a, b = (a * params[name]).double().flatten(), (b * params[name]).double().flatten()
-        norm_a, norm_b = a.norm(), b.norm()
-        norms_r.append(norm_a)
-        norms_u.append(norm_b)
-        cosines.append(a @ b / (norm_a * norm_b) if norm_a > 0 and norm_b > 0 else norm_a.new_zeros(()))
-    mass = torch.softmax(logits.detach().double(), dim=1)[:, classes:].sum(1).mean()
-    return {"real": torch.stack(norms_r), "superfluous": torch.stack(norms_u), "cosine": torch.stack(cosines),
-            "mass": mass}
+    logits = masked_forward(model, weights, x)
+    p = torch.softmax(logits.detach(), dim=1)
+    target = F.one_hot(y, outputs).to(p.dtype)
+    full = (p - target) / y.shape[0]
+    superfluous = full.clone()
+    superfluous[:, :classes] = 0
+    real_only = torch.zeros_like(full)
+    real_only[:, :classes] = (torch.softmax(logits.detach()[:, :classes], dim=1) - target[:, :classes]) / y.shape[0]
+
+    def score_gradients(dz: torch.Tensor) -> list[torch.Tensor]:
+        grads = torch.autograd.grad(logits, [weights[n] for n in names], grad_outputs=dz, retain_graph=True)
+        return [(g * params[n]).double().flatten() for g, n in zip(grads, names)]
+
+    g, g_u, g_real = score_gradients(full), score_gradients(superfluous), score_gradients(real_only)
+    alignment = [a @ b / (a.norm() * b.norm()) if a.norm() > 0 and b.norm() > 0 else a.new_zeros(())
+                 for a, b in zip(g, g_real)]
+    return {"full": torch.stack([a.norm() for a in g]), "superfluous": torch.stack([a.norm() for a in g_u]),
+            "real_only": torch.stack([a.norm() for a in g_real]), "alignment": torch.stack(alignment),
+            "mass": p[:, classes:].sum(1).double().mean()}
 
 
 def gg_by_output_size(*, sizes: Sequence[int], budgets: Sequence[int], tasks: int, classes: int | None = None,
