@@ -1,9 +1,11 @@
 """Shared figure helpers: one look for every notebook, and ``save_figure`` into ``figures_dir()``."""
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 import matplotlib.pyplot as plt
+import numpy as np
 import seaborn as sns
 
 from ..config import figures_dir
@@ -25,3 +27,19 @@ def save_figure(fig: plt.Figure, name: str) -> Path:
     path = figures_dir() / f"{name}.png"
     fig.savefig(path)
     return path
+
+
+def legend_beside(ax: plt.Axes, **kwargs) -> None:
+    """The legend of ``ax`` outside it, to the right (top-aligned), so it never hides data."""
+    ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0, **kwargs)
+
+
+def plot_interval(ax: plt.Axes, x: Sequence[float], value: Sequence[float], low: Sequence[float],
+                  high: Sequence[float], *, fmt: str = "o-", **kwargs) -> None:
+    """``value`` against ``x`` with error bars from the interval [low, high] (e.g. a Wilson 95 % interval), all
+    in the same unit; ``kwargs`` go to ``ax.errorbar`` (label, color, ...)."""
+    value, low, high = (np.asarray(v, dtype=float) for v in (value, low, high))
+    if np.any(low > value) or np.any(high < value):
+        raise ValueError("every interval must contain its value (low ≤ value ≤ high); pass low and high in the "
+                         "unit of value (e.g. both in %)")
+    ax.errorbar(x, value, yerr=np.stack([value - low, high - value]), fmt=fmt, capsize=3, **kwargs)
