@@ -5,7 +5,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
-from supsup_lite.notebook.plots import legend_beside, plot_interval  # noqa: E402
+from supsup_lite.notebook.plots import legend_outside, plot_interval  # noqa: E402
 
 
 def test_plot_interval_draws_the_asymmetric_bars_of_the_interval():
@@ -18,11 +18,16 @@ def test_plot_interval_draws_the_asymmetric_bars_of_the_interval():
     plt.close(fig)
 
 
-def test_legend_beside_puts_the_legend_right_of_the_axes():
-    fig, ax = plt.subplots()
-    ax.plot([0, 1], [0, 1], label="line")
-    legend_beside(ax)
+def test_legend_outside_puts_the_legend_right_of_or_below_the_axes():
+    fig, (left, right) = plt.subplots(1, 2)
+    for ax in (left, right):
+        ax.plot([0, 1], [0, 1], label="line")
+        ax.set_xlabel("x")
+    legend_outside(left)
+    legend_outside(right, where="below", ncol=2)
     fig.canvas.draw()
-    legend_box = ax.get_legend().get_window_extent()
-    assert legend_box.x0 > ax.get_window_extent().x1
+    assert left.get_legend().get_window_extent().x0 > left.get_window_extent().x1
+    assert right.get_legend().get_window_extent().y1 < right.xaxis.label.get_window_extent().y0
+    with pytest.raises(ValueError, match="where='above' must be 'right' or 'below'"):
+        legend_outside(left, where="above")
     plt.close(fig)

@@ -29,9 +29,15 @@ def save_figure(fig: plt.Figure, name: str) -> Path:
     return path
 
 
-def legend_beside(ax: plt.Axes, **kwargs) -> None:
-    """The legend of ``ax`` outside it, to the right (top-aligned), so it never hides data."""
-    ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0, **kwargs)
+def legend_outside(ax: plt.Axes, *, where: str = "right", **kwargs) -> None:
+    """The legend of ``ax`` outside it, so it never hides data: ``where="right"`` (top-aligned beside the axes) or
+    ``"below"`` (centred under the x label, in columns: pass ``ncol``); ``kwargs`` go to ``ax.legend``."""
+    if where == "right":
+        ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0, **kwargs)
+    elif where == "below":
+        ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.2), borderaxespad=0.0, **kwargs)
+    else:
+        raise ValueError(f"where={where!r} must be 'right' or 'below'")
 
 
 def plot_interval(ax: plt.Axes, x: Sequence[float], value: Sequence[float], low: Sequence[float],
