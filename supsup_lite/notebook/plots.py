@@ -31,11 +31,13 @@ def save_figure(fig: plt.Figure, name: str) -> Path:
 
 def legend_outside(ax: plt.Axes, *, where: str = "right", **kwargs) -> None:
     """The legend of ``ax`` outside it, so it never hides data: ``where="right"`` (top-aligned beside the axes) or
-    ``"below"`` (centred under the x label, in columns: pass ``ncol``); ``kwargs`` go to ``ax.legend``."""
+    ``"below"`` (centred under the tick labels and x label as they are now: set them first; pass ``ncol`` for
+    columns); ``kwargs`` go to ``ax.legend``. Meant for figures saved with ``bbox_inches="tight"`` (the style)."""
     if where == "right":
         ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0, **kwargs)
     elif where == "below":
-        ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.2), borderaxespad=0.0, **kwargs)
+        box = ax.get_tightbbox(ax.figure.canvas.get_renderer()).transformed(ax.transAxes.inverted())
+        ax.legend(loc="upper center", bbox_to_anchor=(0.5, box.y0 - 0.03), borderaxespad=0.0, **kwargs)
     else:
         raise ValueError(f"where={where!r} must be 'right' or 'below'")
 
