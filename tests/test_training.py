@@ -7,19 +7,21 @@ from supsup_lite.core.masks import apply_masks, final_masks, init_scores, superm
 from supsup_lite.core.models import (build_model, frozen_random_model, maskable_parameters, masked_forward,
                                      signed_constant_)
 from supsup_lite.core.rmsprop import rmsprop_step_, rmsprop_step_torch
-from supsup_lite.core.training import (TrainResult, evaluate, fit, mlp_weights, train_dense, train_supermask,
+from supsup_lite.core.training import (TrainResult, evaluate, fit, mlp_weights, predict, train_dense, train_supermask,
                                        train_supermasks)
 
 
-def reference_scores(model: nn.Module, batches, *, seed: int, keep_frac: float | None = None) -> dict:
-    """The plain recipe: autograd through the masked forward and torch.optim.RMSprop on the scores."""
+def reference_scores(model: nn.Module, batches, *, seed: int, keep_frac: float | None = None,
+                     classes: int | None = None) -> dict:
+    """The plain recipe: autograd through the masked forward and torch.optim.RMSprop on the scores (cross-entropy
+    over the first ``classes`` logits; None: all)."""
     params = maskable_parameters(model)
     scores = init_scores(model, torch.Generator().manual_seed(seed))
     optimizer = torch.optim.RMSprop(scores.values(), lr=1e-4)
     for x, y in batches:
         weights = {n: supermask_weight(params[n], s) if keep_frac is None else params[n] * topk_supermask(s, keep_frac)
                    for n, s in scores.items()}
-        loss = F.cross_entropy(masked_forward(model, weights, x), y)
+        loss = F.cross_entropy(masked_forward(model, weights, x)[:, :classes], y)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -37,14 +39,52 @@ def test_fast_mlp_step_equals_the_plain_autograd_loop_bit_for_bit(permuted_on, k
         assert torch.equal(ours.masks[0][name], expected[name]), name
 
 
-def test_any_other_network_trains_through_autograd_with_the_same_recipe():
+@pytest.mark.parametrize("chunk", [1, 3])
+def test_loss_over_the_real_classes_only_equals_the_plain_loop_and_leaves_superfluous_rows_untrained(permuted,
+                                                                                                      chunk):
+    model = frozen_random_model("lenet_300_100", 30, seed=1, device="cpu")
+    batches = [permuted.train_batches(t, 64, 20, 7 + t) for t in range(3)]
+    ours = train_supermasks(model, batches, seeds=[7, 8, 9], classes=10, chunk=chunk, progress=False)
+    for k in range(3):
+        expected = final_masks(reference_scores(model, batches[k], seed=7 + k, classes=10))
+        assert all(torch.equal(ours.masks[k][n], expected[n]) for n in expected)
+        initial = init_scores(model, torch.Generator().manual_seed(7 + k))["5.weight"] >= 0
+        assert torch.equal(ours.masks[k]["5.weight"][10:], initial[10:])   # no gradient reached them
+        assert not torch.equal(ours.masks[k]["5.weight"][:10], initial[:10])
+    full = train_supermasks(model, batches, seeds=[7, 8, 9], chunk=chunk, progress=False)
+    assert not torch.equal(full.masks[0]["1.weight"], ours.masks[0]["1.weight"])  # the superfluous terms matter
+
+
+def test_real_class_loss_on_a_wider_head_gives_the_masks_of_the_ten_output_network(permuted):
+    # the s-output network nests the 10-output one (same generator draws), so without the superfluous terms in
+    # the loss its masks are those of s = 10, bit for bit, on the shared weights
+    narrow = train_supermask(frozen_random_model("lenet_300_100", 10, seed=0), permuted.train_batches(0, 64, 25, 3),
+                             seed=3, progress=False).masks[0]
+    wide = train_supermask(frozen_random_model("lenet_300_100", 60, seed=0), permuted.train_batches(0, 64, 25, 3),
+                           seed=3, classes=10, progress=False).masks[0]
+    assert all(torch.equal(wide[n][:narrow[n].shape[0]], narrow[n]) for n in narrow)
+
+
+def test_real_class_loss_refuses_a_bad_number_of_classes(permuted):
+    model = frozen_random_model("lenet_300_100", 30, seed=1, device="cpu")
+    with pytest.raises(ValueError, match=r"classes=31 exceeds the model's 30 outputs; give 1..30"):
+        train_supermask(model, permuted.train_batches(0, 64, 2, 0), seed=0, classes=31, progress=False)
+    with pytest.raises(ValueError, match=r"classes \(logits in the loss, of the model's 30\) must be ≥ 1"):
+        train_supermask(model, permuted.train_batches(0, 64, 2, 0), seed=0, classes=0, progress=False)
+    with pytest.raises(TypeError, match="must be an int"):
+        train_supermask(model, permuted.train_batches(0, 64, 2, 0), seed=0, classes=10.0, progress=False)
+
+
+@pytest.mark.parametrize("classes", [None, 2])
+def test_any_other_network_trains_through_autograd_with_the_same_recipe(classes):
     net = nn.Sequential(nn.Conv2d(1, 3, 5, bias=False), nn.ReLU(), nn.Flatten(), nn.Linear(3 * 24 * 24, 4, bias=False))
     signed_constant_(net, torch.Generator().manual_seed(0))
     assert mlp_weights(net) is None
     g = torch.Generator().manual_seed(3)
-    batches = [(torch.randn(16, 1, 28, 28, generator=g), torch.randint(0, 4, (16,), generator=g)) for _ in range(8)]
-    ours = train_supermask(net, batches, seed=5, progress=False)
-    expected = final_masks(reference_scores(net, batches, seed=5))
+    batches = [(torch.randn(16, 1, 28, 28, generator=g), torch.randint(0, classes or 4, (16,), generator=g))
+               for _ in range(8)]
+    ours = train_supermask(net, batches, seed=5, classes=classes, progress=False)
+    expected = final_masks(reference_scores(net, batches, seed=5, classes=classes))
     assert all(torch.equal(ours.masks[0][n], expected[n]) for n in expected)
 
 
@@ -134,3 +174,12 @@ def test_fused_rmsprop_step_equals_the_torch_operations_bit_for_bit(numel, lr):
         for key in ("s", "v", "g", "e"):
             assert torch.equal(fused[key].view(torch.int32), plain[key].view(torch.int32)), key
     assert torch.equal(fused["e"], w * (fused["s"] >= 0))
+def test_predict_over_the_real_classes_takes_the_argmax_of_the_first_logits_only():
+    model = frozen_random_model("lenet_300_100", 30, seed=4, device="cpu")
+    x = torch.randn(50, 784, generator=torch.Generator().manual_seed(0))
+    logits = masked_forward(model, None, x)
+    assert torch.equal(predict(model, None, x, 16, classes=10), logits[:, :10].argmax(1))
+    assert torch.equal(predict(model, None, x), logits.argmax(1))
+    assert (logits.argmax(1) >= 10).any()  # the untrained superfluous outputs do win sometimes: the test can fail
+    with pytest.raises(ValueError, match=r"classes=31 must lie in 1..30 \(the model's outputs\)"):
+        predict(model, None, x, classes=31)

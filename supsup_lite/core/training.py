@@ -10,6 +10,9 @@ s_k ~ U(±1/√fan_in), forward with W ⊙ M_k, M_k = 1[s_k ≥ 0] (GNu) or the 
 edge-popup), straight-through gradient ∂L/∂s_k = ∂L/∂(W ⊙ M_k) ⊙ W (times sign(s_k) for top-k), and
 RMSprop(lr) on the scores. K tasks share the frozen W; the loss is Σ_k CE_k, so every task gets exactly its
 own gradient, and RMSprop is elementwise, so K tasks at once take exactly the steps of K separate runs.
+CE_k is a softmax over all s outputs (the paper); ``classes=c`` restricts it to the first c logits, the real
+classes, so the s − c superfluous outputs get no gradient (an ablation: notebook 04 uses it to ask why GG
+accuracy falls as s grows).
 
 Two steps compute this recipe, with the same masks bit for bit (tested against a plain autograd +
 ``torch.optim.RMSprop`` loop):
@@ -38,7 +41,7 @@ from .. import validation
 from ..config import derive_seed
 from ..data.mnist import Batch, TaskStream
 from .masks import MaskBank, Masks, final_masks, init_scores, supermask_weight, topk_keep, topk_supermask
-from .models import batched_masked_forward, maskable_parameters, masked_forward
+from .models import batched_masked_forward, maskable_parameters, masked_forward, output_size
 from .rmsprop import RMSPROP_ALPHA, RMSPROP_EPS, rmsprop_step_
 
 Forward = Callable[[torch.Tensor], torch.Tensor]
@@ -139,11 +142,16 @@ def run_steps(step: Step, batches_per_task: Sequence[Iterable[Batch]], *, progre
     return histories
 
 
-def task_losses(logits: torch.Tensor, y: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
+def task_losses(logits: torch.Tensor, y: torch.Tensor, valid: torch.Tensor | None, *,
+                classes: int | None = None) -> torch.Tensor:
     """CE_k, the mean cross-entropy of task k over its real examples (0 for a task without any).
 
     logits: (K, B, s), y: (K, B), valid: (K, B) or None (all real) → (K,). Σ_k CE_k is the loss of K tasks.
+    ``classes=c``: CE over the first c logits only, −z_y + log Σ_{j<c} exp z_j, so ∂CE/∂z_j = 0 for j ≥ c;
+    None: over all s.
     """
+    if classes is not None:
+        logits = logits[..., :classes]
     k, b = y.shape
     ce = F.cross_entropy(logits.reshape(k * b, -1), y.reshape(-1), reduction="none").view(k, b)
     if valid is None:
@@ -151,8 +159,10 @@ def task_losses(logits: torch.Tensor, y: torch.Tensor, valid: torch.Tensor | Non
     return (ce * valid).sum(1) / valid.sum(1).clamp(min=1.0)
 
 
-def _correct(logits: torch.Tensor, y: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
-    right = (logits.argmax(-1) == y).float()
+def _correct(logits: torch.Tensor, y: torch.Tensor, valid: torch.Tensor | None, *,
+             classes: int | None = None) -> torch.Tensor:
+    """Examples whose argmax over the first ``classes`` logits (None: all) is the label, per task: (K,)."""
+    right = ((logits if classes is None else logits[..., :classes]).argmax(-1) == y).float()
     return (right if valid is None else right * valid).sum(-1)
 
 
@@ -225,8 +235,9 @@ def mlp_weights(model: nn.Module) -> list[torch.Tensor] | None:
 class _AutogradMaskStep:
     """Mask training on any network: autograd through ``batched_masked_forward`` and ``torch.optim.RMSprop``."""
 
-    def __init__(self, model: nn.Module, seeds: Sequence[int], *, lr: float, keep_frac: float | None) -> None:
-        self.model, self.keep_frac = model, keep_frac
+    def __init__(self, model: nn.Module, seeds: Sequence[int], *, lr: float, keep_frac: float | None,
+                 classes: int | None) -> None:
+        self.model, self.keep_frac, self.classes = model, keep_frac, classes
         self.scores = stacked_scores(model, seeds)
         self.optimizer = torch.optim.RMSprop(self.scores.values(), lr=lr, alpha=RMSPROP_ALPHA, eps=RMSPROP_EPS)
 
@@ -234,11 +245,11 @@ class _AutogradMaskStep:
                  valid: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         logits = batched_masked_forward(self.model, masked_weights(self.model, self.scores,
                                                                    keep_frac=self.keep_frac), x)
-        losses = task_losses(logits, y, valid)
+        losses = task_losses(logits, y, valid, classes=self.classes)
         self.optimizer.zero_grad(set_to_none=True)
         losses.sum().backward()
         self.optimizer.step()
-        return losses.detach(), _correct(logits.detach(), y, valid)
+        return losses.detach(), _correct(logits.detach(), y, valid, classes=self.classes)
 
     def task_scores(self, k: int) -> Masks:
         return {name: s[k] for name, s in self.scores.items()}
@@ -257,9 +268,9 @@ class _MLPMaskStep:
     """
 
     def __init__(self, model: nn.Module, weights: list[torch.Tensor], seeds: Sequence[int], *, lr: float,
-                 keep_frac: float | None) -> None:
+                 keep_frac: float | None, classes: int | None) -> None:
         self.names = list(maskable_parameters(model))
-        self.lr, self.keep_frac, self.k = lr, keep_frac, len(seeds)
+        self.lr, self.keep_frac, self.classes, self.k = lr, keep_frac, classes, len(seeds)
         scores = stacked_scores(model, seeds)
         numels = [self.k * w.numel() for w in weights]
         first = weights[0]
@@ -298,7 +309,7 @@ class _MLPMaskStep:
                 hidden.append(h)
         with torch.enable_grad():
             logits = h.requires_grad_(True)
-            losses = task_losses(logits, y, valid)
+            losses = task_losses(logits, y, valid, classes=self.classes)
             (dz,) = torch.autograd.grad(losses.sum(), logits)
         for l in range(len(self.e) - 1, -1, -1):
             if single:
@@ -317,7 +328,7 @@ class _MLPMaskStep:
             torch.sqrt(v, out=d).add_(RMSPROP_EPS)
             self.s_flat.addcdiv_(g, d, value=-self.lr)
             self._refresh_masked_weights()
-        return losses.detach(), _correct(logits.detach(), y, valid)
+        return losses.detach(), _correct(logits.detach(), y, valid, classes=self.classes)
 
     def task_scores(self, k: int) -> Masks:
         return {name: s[k] for name, s in zip(self.names, self.s)}
@@ -343,13 +354,15 @@ def _check_trained(histories: Sequence[TrainHistory], first: int = 0) -> None:
 
 def train_supermasks(model: nn.Module, batches_per_task: Sequence[Iterable[Batch]], *, seeds: Sequence[int],
                      lr: float = 1e-4, keep_frac: float | None = None, chunk: int | None = None,
-                     progress: bool = True) -> TrainResult:
+                     classes: int | None = None, progress: bool = True) -> TrainResult:
     """Learn the supermasks of K tasks at once on the frozen ``model``; task k sees ``batches_per_task[k]``.
 
     Task k's scores start from ``init_scores`` seeded with ``seeds[k]``. Each task's masks equal a
     :func:`train_supermask` run on its own batches and seed, bit for bit. ``chunk`` tasks step together (one
     batched matmul); the chunks run one after another. Default: 1 on CPU (one task's state stays in cache),
-    all K on a GPU. Iterables of unequal length are padded: an ended task's scores stay put.
+    all K on a GPU. Iterables of unequal length are padded: an ended task's scores stay put. ``classes=c``: the
+    loss and the history's accuracy use only the first c logits (:func:`task_losses`), so the mask rows of the
+    other outputs keep their initial 1[s₀ ≥ 0]; None (the paper): all s outputs.
     Memory: about 6 float tensors of (chunk, *W.shape) per layer.
 
     Returns one dict of bool masks (shaped like W) and one history per task, in order, and the seconds.
@@ -363,6 +376,12 @@ def train_supermasks(model: nn.Module, batches_per_task: Sequence[Iterable[Batch
     lr = validation.positive_number("lr", lr)
     if keep_frac is not None and not 0.0 < validation.positive_number("keep_frac", keep_frac) <= 1.0:
         raise ValueError(f"keep_frac is the fraction of weights kept and must lie in (0, 1], got {keep_frac}")
+    outputs = output_size(model)
+    classes = validation.optional_integer(f"classes (logits in the loss, of the model's {outputs})", classes,
+                                          minimum=1)
+    if classes is not None and classes > outputs:
+        raise ValueError(f"classes={classes} exceeds the model's {outputs} outputs; give 1..{outputs}, or None to "
+                         f"use all of them")
     device = next(iter(params.values())).device
     chunk = validation.optional_integer("chunk (tasks stepped together)", chunk, minimum=1)
     if chunk is None:
@@ -373,8 +392,9 @@ def train_supermasks(model: nn.Module, batches_per_task: Sequence[Iterable[Batch
     start = time.perf_counter()
     for first in range(0, len(seeds), chunk):
         part = slice(first, first + chunk)
-        step = (_MLPMaskStep(model, weights, seeds[part], lr=lr, keep_frac=keep_frac) if weights is not None
-                else _AutogradMaskStep(model, seeds[part], lr=lr, keep_frac=keep_frac))
+        step = (_MLPMaskStep(model, weights, seeds[part], lr=lr, keep_frac=keep_frac, classes=classes)
+                if weights is not None
+                else _AutogradMaskStep(model, seeds[part], lr=lr, keep_frac=keep_frac, classes=classes))
         count = len(seeds[part])
         description = f"{count} mask{'s' if count > 1 else ''}" + (f" from task {first}" if len(seeds) > 1 else "")
         histories += run_steps(step, batches_per_task[part], progress=progress, description=description)
@@ -385,22 +405,26 @@ def train_supermasks(model: nn.Module, batches_per_task: Sequence[Iterable[Batch
 
 
 def train_supermask(model: nn.Module, batches: Iterable[Batch], *, seed: int, lr: float = 1e-4,
-                    keep_frac: float | None = None, progress: bool = True) -> TrainResult:
+                    keep_frac: float | None = None, classes: int | None = None, progress: bool = True) -> TrainResult:
     """Learn one task's supermask on the frozen ``model`` from ``batches`` (the paper's GNu recipe by default:
     M = 1[s ≥ 0], RMSprop 1e-4; e.g. ``stream.train_batches(task, 128, 1000, seed)``). Scores are seeded with
-    ``seed``; ``keep_frac`` switches to the top-k rule. ``result.masks[0]``: bool masks shaped like W."""
-    return train_supermasks(model, [batches], seeds=[seed], lr=lr, keep_frac=keep_frac, progress=progress)
+    ``seed``; ``keep_frac`` switches to the top-k rule; ``classes`` restricts the loss to the first logits (see
+    :func:`train_supermasks`). ``result.masks[0]``: bool masks shaped like W."""
+    return train_supermasks(model, [batches], seeds=[seed], lr=lr, keep_frac=keep_frac, classes=classes,
+                            progress=progress)
 
 
 def train_bank(model: nn.Module, stream: TaskStream, *, num_tasks: int, bank: MaskBank | None = None, k: int = 10,
                num_batches: int | None = 1000, batch_size: int = 128, lr: float = 1e-4,
-               keep_frac: float | None = None, seed: int = 0, progress: bool = True) -> MaskBank:
+               keep_frac: float | None = None, classes: int | None = None, seed: int = 0,
+               progress: bool = True) -> MaskBank:
     """Fill a ``MaskBank`` with the masks of tasks 0..num_tasks−1, ``k`` tasks per :func:`train_supermasks` call.
 
     Task t's scores are seeded with ``derive_seed(seed, t, "scores")`` and its batches (``num_batches`` of
     ``batch_size``; None: one epoch) with ``derive_seed(seed, t, "batches")``, so the bank does not depend on
-    ``k``. A new bank is made for ``model`` and ``stream`` (both fingerprinted in it) unless ``bank`` is given: then
-    it must fit both, and it is filled from task ``len(bank)`` on, which resumes an interrupted run. Returns it.
+    ``k``. ``classes`` restricts the loss to the first logits (see :func:`train_supermasks`). A new bank is made
+    for ``model`` and ``stream`` (both fingerprinted in it) unless ``bank`` is given: then it must fit both, and it
+    is filled from task ``len(bank)`` on, which resumes an interrupted run. Returns it.
     """
     k = validation.integer("k (tasks trained at once)", k, minimum=1)
     if not 1 <= validation.integer("num_tasks", num_tasks) <= stream.num_tasks:
@@ -421,7 +445,7 @@ def train_bank(model: nn.Module, stream: TaskStream, *, num_tasks: int, bank: Ma
             batches = [stream.train_batches(t, batch_size, num_batches, derive_seed(seed, t, "batches"))
                        for t in tasks]
             result = train_supermasks(model, batches, seeds=[derive_seed(seed, t, "scores") for t in tasks], lr=lr,
-                                      keep_frac=keep_frac, progress=progress)
+                                      keep_frac=keep_frac, classes=classes, progress=progress)
             for task_masks in result.masks:
                 bank.append(task_masks)
             bar.update(len(tasks))
@@ -450,18 +474,23 @@ def train_dense(model: nn.Module, batches: Iterable[Batch], *, lr: float = 1e-4,
 # --- evaluation ---------------------------------------------------------------------------------------------
 @torch.no_grad()
 def predict(model: nn.Module, weights: dict[str, torch.Tensor] | None, x: torch.Tensor,
-            batch_size: int = 2048) -> torch.Tensor:
+            batch_size: int = 2048, *, classes: int | None = None) -> torch.Tensor:
     """Predicted labels (N,) of ``model`` with effective ``weights`` (None: its own) on x (N, ...): a batch of
-    finite images the model takes (``validation.images``)."""
+    finite images the model takes (``validation.images``). The argmax runs over all s logits, or over the first
+    ``classes`` (the real classes, e.g. for masks trained with ``classes``)."""
     validation.images(model, x)
     batch_size = validation.integer("batch_size", batch_size, minimum=1)
-    return torch.cat([masked_forward(model, weights, x[i:i + batch_size]).argmax(1)
+    outputs = output_size(model)
+    if classes is not None and not 1 <= validation.integer("classes", classes) <= outputs:
+        raise ValueError(f"classes={classes} must lie in 1..{outputs} (the model's outputs), or be None for all")
+    return torch.cat([masked_forward(model, weights, x[i:i + batch_size])[:, :classes].argmax(1)
                       for i in range(0, x.shape[0], batch_size)])
 
 
 def evaluate(model: nn.Module, weights: dict[str, torch.Tensor] | None, x: torch.Tensor, y: torch.Tensor,
-             batch_size: int = 2048) -> float:
+             batch_size: int = 2048, *, classes: int | None = None) -> float:
     """Accuracy in [0, 1] of ``model`` with effective ``weights`` on (x (N, ...), y (N,)): x a batch of finite
-    images the model takes, y int64 class indices below the model's output size (``validation.labels``)."""
+    images the model takes, y int64 class indices below the model's output size (``validation.labels``);
+    ``classes``: the argmax over the first logits only (see :func:`predict`)."""
     validation.labels(model, y, validation.images(model, x).shape[0])
-    return (predict(model, weights, x, batch_size) == y).float().mean().item()
+    return (predict(model, weights, x, batch_size, classes=classes) == y).float().mean().item()

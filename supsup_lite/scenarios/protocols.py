@@ -127,9 +127,10 @@ def eval_tasks(bank: MaskBank, tasks: Iterable[int] | None, num_tasks: int | Non
 
 
 def gg_accuracy(model: nn.Module, bank: MaskBank, stream: TaskStream, *,
-                tasks: Iterable[int] | None = None) -> list[float]:
-    """Scenario GG: accuracy of each task's own mask on its test set (task identity given)."""
-    return [evaluate(model, task_weights(model, bank, t), *stream.test_set(t))
+                tasks: Iterable[int] | None = None, classes: int | None = None) -> list[float]:
+    """Scenario GG: accuracy of each task's own mask on its test set (task identity given); ``classes``: predict
+    by the argmax over the first logits only (:func:`~supsup_lite.core.training.predict`)."""
+    return [evaluate(model, task_weights(model, bank, t), *stream.test_set(t), classes=classes)
             for t in eval_tasks(bank, tasks, None)]
 
 
