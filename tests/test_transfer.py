@@ -145,3 +145,13 @@ def test_small_convnet_takes_flat_mnist_images():
 def split_mnist():
     from supsup_lite.data import SplitMNIST
     return SplitMNIST(2, device="cpu")
+
+
+def test_flat_images_are_accepted_where_the_net_unflattens_them():
+    from supsup_lite import validation
+
+    model = frozen_small_convnet(10, width=4, seed=0, device="cpu")
+    x = torch.zeros(3, 784)
+    assert validation.images(model, x) is x
+    with pytest.raises(ValueError, match=r"x must be a batch \(B, 1, H, W\) with B ≥ 1, got shape \(3, 785\)"):
+        validation.images(model, torch.zeros(3, 785))
