@@ -7,8 +7,11 @@ A notebook is executed in memory; only when all its cells ran is the cleaned res
 beside it and moved over the original in one rename, so a failing cell, a cell timeout, a dead kernel or an
 interruption leaves the committed notebook byte for byte as it was. The runner then goes on with the next
 notebook, names every failure (notebook, cell number, first source line, error) at the end and exits 1.
-Widget state, progress-bar widgets (dead without a live kernel) and per-cell timing metadata are stripped so
-that diffs stay small and GitHub shows no frozen "0%" bars.
+Progress-bar widgets (dead without a live kernel) and per-cell timing metadata are stripped so that diffs stay
+small and GitHub shows no frozen "0%" bars. Widget state is saved (``metadata.widgets``) for exactly the widgets
+still shown in an output and the models they reference (children, layouts, styles), so an interactive widget such
+as notebook 03's α explorer renders on GitHub and nbviewer in its last state; the state of progress bars and of
+any widget no output shows is dropped.
 """
 from __future__ import annotations
 
@@ -28,6 +31,8 @@ from nbclient.exceptions import CellExecutionError, CellTimeoutError, DeadKernel
 KERNELSPEC = {"name": "python3", "display_name": "Python 3 (ipykernel)", "language": "python"}
 
 WIDGET_VIEW = "application/vnd.jupyter.widget-view+json"
+WIDGET_STATE = "application/vnd.jupyter.widget-state+json"
+MODEL_REFERENCE = re.compile(r"IPY_MODEL_([0-9a-zA-Z_-]+)")  # how one widget model's state names another
 
 TQDM_TEXT = re.compile(r"\[\d+:\d\d[<,]")  # "[00:03<00:10, ..." (known total) or "[00:03, ..." (unknown)
 
@@ -45,14 +50,40 @@ def is_dead_progress_bar(output: nbformat.NotebookNode) -> bool:
     return WIDGET_VIEW in data and bool(TQDM_TEXT.search("".join(data.get("text/plain", ""))))
 
 
+def shown_widget_models(nb: nbformat.NotebookNode) -> set[str]:
+    """Model ids of the widgets that the notebook's outputs display (widget-view outputs)."""
+    return {o["data"][WIDGET_VIEW]["model_id"] for cell in nb.cells if cell.cell_type == "code"
+            for o in cell.outputs if WIDGET_VIEW in o.get("data", {}) and "model_id" in o["data"][WIDGET_VIEW]}
+
+
+def referenced_models(state: dict, roots: set[str]) -> set[str]:
+    """``roots`` and every model their saved state references, transitively ("IPY_MODEL_<id>" strings)."""
+    keep, todo = set(), [r for r in roots if r in state]
+    while todo:
+        model = todo.pop()
+        if model in keep:
+            continue
+        keep.add(model)
+        todo += [m for m in MODEL_REFERENCE.findall(json.dumps(state[model])) if m in state and m not in keep]
+    return keep
+
+
 def clean(nb: nbformat.NotebookNode) -> None:
-    """Drop widget state, dead progress bars and execution timing; pin the kernelspec to python3."""
-    nb.metadata.pop("widgets", None)
+    """Drop dead progress bars and execution timing, keep the saved widget state only of the widgets still shown
+    (and the models they reference; no metadata.widgets when none is shown); pin the kernelspec to python3."""
     nb.metadata["kernelspec"] = KERNELSPEC
     for cell in nb.cells:
         cell.metadata.pop("execution", None)
         if cell.cell_type == "code":
             cell.outputs = [o for o in cell.outputs if not is_dead_progress_bar(o)]
+    saved = nb.metadata.get("widgets", {}).get(WIDGET_STATE, {})
+    state = saved.get("state", {})
+    keep = referenced_models(state, shown_widget_models(nb))
+    if keep:
+        saved["state"] = {model: state[model] for model in state if model in keep}
+        nb.metadata["widgets"] = {WIDGET_STATE: saved}
+    else:
+        nb.metadata.pop("widgets", None)
 
 
 def read_notebook(path: Path) -> nbformat.NotebookNode:
@@ -91,7 +122,7 @@ def execute(nb: nbformat.NotebookNode, *, path: Path, timeout: int) -> None:
     """Run every cell of ``nb`` (in memory) with the kernel in ``path``'s folder; on any failure raise
     :class:`NotebookError` naming the cell (1-based, all cells counted) and the error."""
     tracker = CellTracker()
-    client = NotebookClient(nb, timeout=timeout, kernel_name="python3", store_widget_state=False,
+    client = NotebookClient(nb, timeout=timeout, kernel_name="python3", store_widget_state=True,
                             on_cell_start=tracker.on_cell_start,
                             resources={"metadata": {"path": str(path.parent)}})
     try:

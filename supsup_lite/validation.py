@@ -74,6 +74,13 @@ def model_dtype(model: nn.Module) -> torch.dtype:
     return _first_layer(model).weight.dtype
 
 
+def _flat_images_for(model: nn.Module, x: torch.Tensor) -> bool:
+    """Whether ``model`` starts with an ``nn.Unflatten`` of dim 1 that turns x (B, F) into its image shape."""
+    first = model[0] if isinstance(model, nn.Sequential) and len(model) else None
+    return (isinstance(first, nn.Unflatten) and first.dim == 1 and x.dim() == 2 and x.shape[0] > 0
+            and x.shape[1] == math.prod(first.unflattened_size))
+
+
 def images(model: nn.Module, x: object, *, name: str = "x") -> torch.Tensor:
     """Check a batch of images for ``model``: a tensor (B, ...) with B ≥ 1, the model's float dtype, the shape its
     first layer takes (784 features, or C channels), on the model's device, every value finite. Returns ``x``."""
@@ -91,6 +98,8 @@ def images(model: nn.Module, x: object, *, name: str = "x") -> torch.Tensor:
         if x.dim() < 2 or features != layer.in_features or x.shape[0] == 0:
             raise ValueError(f"{name} must be a batch (B, {layer.in_features}) with B ≥ 1 (or (B, 28, 28) for "
                              f"MNIST), got shape {tuple(x.shape)}; one image is {name}[None] or {name}[:1]")
+    elif _flat_images_for(model, x):
+        pass
     elif x.dim() != 4 or x.shape[1] != layer.in_channels or x.shape[0] == 0:
         raise ValueError(f"{name} must be a batch (B, {layer.in_channels}, H, W) with B ≥ 1, got shape "
                          f"{tuple(x.shape)}; one image is {name}[None]")

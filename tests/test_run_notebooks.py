@@ -3,6 +3,8 @@ byte-identical, the others are still executed and rewritten, and every failure i
 from __future__ import annotations
 
 import importlib.util
+import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -104,3 +106,31 @@ def test_write_happens_only_after_success(tmp_path, monkeypatch, reason):
         run_notebooks.write_atomically(nb, path)
     assert path.read_bytes() == original
     assert [p.name for p in tmp_path.iterdir()] == ["nb.ipynb"]
+
+
+def test_widget_state_is_kept_for_shown_widgets_only(tmp_path):
+    """A displayed widget keeps its saved state (with the models it references), so it renders without a kernel;
+    progress bars and widgets that no output shows leave no state behind."""
+    path = notebook(tmp_path / "widgets.ipynb",
+                    "from tqdm.auto import tqdm\nfor _ in tqdm(range(3)):\n    pass",
+                    "import ipywidgets as w\nhidden = w.IntSlider(value=3, description='hidden')\n"
+                    "box = w.VBox([w.IntSlider(value=7, description='shown'), w.HTML('hello')])\nbox")
+
+    result = run_runner(path, cwd=tmp_path)
+
+    assert result.returncode == 0, result.stdout + result.stderr
+    nb = nbformat.read(path, as_version=4)
+    assert not nb.cells[0].outputs or not any("application/vnd.jupyter.widget-view+json" in o.get("data", {})
+                                              for o in nb.cells[0].outputs)
+    state = nb.metadata["widgets"]["application/vnd.jupyter.widget-state+json"]["state"]
+    (view,) = [o["data"]["application/vnd.jupyter.widget-view+json"] for o in nb.cells[1].outputs
+               if "application/vnd.jupyter.widget-view+json" in o.get("data", {})]
+    assert state[view["model_id"]]["model_name"] == "VBoxModel"
+    names = sorted(s["model_name"] for s in state.values())
+    assert names.count("IntSliderModel") == 1 and "HTMLModel" in names
+    assert "FloatProgressModel" not in names and "HBoxModel" not in names  # the tqdm bar's models
+    slider = next(s["state"] for s in state.values() if s["model_name"] == "IntSliderModel")
+    assert slider["value"] == 7 and slider["description"] == "shown"
+    for model in state.values():  # every reference resolves inside the kept state
+        for ref in re.findall(r"IPY_MODEL_([0-9a-zA-Z_-]+)", json.dumps(model)):
+            assert ref in state, f"{model['model_name']} references a dropped model"

@@ -132,3 +132,25 @@ def test_equal_gradients_name_no_steepest_task(trained_bank, permuted):
 def test_effective_alphas_refuses_non_finite_values(raw):
     with pytest.raises(ValueError, match="α must be finite numbers"):
         effective_alphas(raw, normalise=True)
+
+
+def test_the_explorer_shows_the_image_it_classifies(explorer, permuted):
+    import base64
+    import io
+
+    from matplotlib.image import imread
+
+    x, y = permuted.test_set(2)
+    value = explorer.image_view.value
+    assert f"input: task 2, #3, label {int(y[3])}" in value
+    png = base64.b64decode(value.split("data:image/png;base64,", 1)[1].split('"', 1)[0])
+    shown = torch.from_numpy(imread(io.BytesIO(png))[..., 0].copy())  # gray: R = G = B, scaled to [0, 1]
+    image = x[3].view(28, 28)
+    expected = (image - image.min()) / (image.max() - image.min())
+    assert shown.shape == (28, 28)
+    assert (shown - expected).abs().max() < 1 / 255 + 1e-6  # the pixels themselves, to 8 bits
+    explorer.index.value = 5
+    assert f"#5, label {int(y[5])}" in explorer.image_view.value
+    explorer.normalise.value = False
+    explorer.set_alphas([0.0] * 4)  # a degenerate state still shows the image
+    assert explorer.readout is None and "#5" in explorer.image_view.value

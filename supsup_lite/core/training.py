@@ -13,6 +13,14 @@ own gradient, and RMSprop is elementwise, so K tasks at once take exactly the st
 CE_k is a softmax over all s outputs (the paper); ``classes=c`` restricts it to the first c logits, the real
 classes, so the s − c superfluous outputs get no gradient (an ablation: notebook 04 uses it to ask why GG
 accuracy falls as s grows).
+``keep_frac`` may also map each layer to its own fraction (e.g. the Erdős–Rényi budget of
+``scenarios.resnet.er_densities``).
+
+SupSup-Transfer (paper §3.2, "a running mean of all supermasks learned so far"; the authors'
+``trainers/reinit.py`` with ``--reinit-adapt running_mean``): task t > 0 starts from the elementwise mean of the
+real-valued *final scores* of tasks 0..t−1 instead of a random draw, s_t ← (1/t) Σ_{j<t} s_j (the authors then
+rescale by ‖mean‖/‖mean‖ = 1, a no-op). ``train_bank(..., transfer=True)`` does this, one task after another;
+``train_supermasks(start_scores=...)`` is the hook it uses.
 
 Two steps compute this recipe, with the same masks bit for bit (tested against a plain autograd +
 ``torch.optim.RMSprop`` loop):
@@ -30,7 +38,7 @@ from __future__ import annotations
 import operator
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Iterator, Protocol, Sequence
+from typing import Callable, Iterable, Iterator, Mapping, Protocol, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -58,11 +66,13 @@ class TrainHistory:
 @dataclass
 class TrainResult:
     """What a trainer returns: one dict of bool masks per task (empty for dense training), one history per
-    task, and the wall-clock seconds of the training (the GPU synchronised)."""
+    task, the wall-clock seconds of the training (the GPU synchronised), and, when asked for
+    (``keep_scores=True``), each task's final real-valued scores (name → float tensor shaped like W)."""
 
     masks: list[Masks]
     history: list[TrainHistory]
     seconds: float
+    scores: list[Masks] = field(default_factory=list)
 
 
 class Step(Protocol):
@@ -186,30 +196,74 @@ def fit(forward: Forward, optimizer: torch.optim.Optimizer, batches: Iterable[Ba
 
 
 # --- masked weights -----------------------------------------------------------------------------------------
-def stacked_scores(model: nn.Module, seeds: Sequence[int]) -> Masks:
+def stacked_scores(model: nn.Module, seeds: Sequence[int], *,
+                   start: Sequence[Masks | None] | None = None) -> Masks:
     """Scores of K tasks stacked on a new first axis: name → leaf (K, *W.shape), requires_grad.
 
-    Row k is bit for bit ``init_scores(model, torch.Generator().manual_seed(seeds[k]))``.
+    Row k is bit for bit ``init_scores(model, torch.Generator().manual_seed(seeds[k]))``, or ``start[k]`` (a copy)
+    when ``start`` is given and ``start[k]`` is not None.
     """
-    per_task = [init_scores(model, torch.Generator().manual_seed(int(seed))) for seed in seeds]
+    start = [None] * len(seeds) if start is None else start
+    per_task = [init_scores(model, torch.Generator().manual_seed(int(seed))) if given is None else given
+                for seed, given in zip(seeds, start)]
     return {name: torch.stack([scores[name].detach() for scores in per_task]).requires_grad_(True)
             for name in per_task[0]}
 
 
-def masked_weights(model: nn.Module, scores: Masks, *, keep_frac: float | None = None) -> dict[str, torch.Tensor]:
+def transfer_scores(final_scores: Sequence[Masks]) -> Masks:
+    """SupSup-Transfer's start for the next task: the elementwise mean of earlier tasks' final scores.
+
+    final_scores: t ≥ 1 dicts name → s_j (shaped like W) → name → (1/t) Σ_{j<t} s_j, summed in float64 in task
+    order and rounded once to the scores' dtype (paper §3.2; the authors' ``trainers/reinit.py``, ``running_mean``).
+    """
+    if not final_scores:
+        raise ValueError("transfer_scores needs the final scores of at least one earlier task, got none")
+    out = {}
+    for name, first in final_scores[0].items():
+        total = torch.zeros(first.shape, dtype=torch.float64, device=first.device)
+        for scores in final_scores:
+            total += scores[name].detach().double()
+        out[name] = (total / len(final_scores)).to(first.dtype)
+    return out
+
+
+KeepFrac = float | Mapping[str, float] | None
+
+
+def layer_fractions(names: Iterable[str], keep_frac: float | Mapping[str, float]) -> dict[str, float]:
+    """``keep_frac`` per layer: one float for every layer, or a mapping that must name every layer, each value in
+    (0, 1]. Raises ``ValueError`` naming the layer and the value otherwise."""
+    names = list(names)
+    if isinstance(keep_frac, Mapping):
+        missing = [n for n in names if n not in keep_frac]
+        if missing:
+            raise ValueError(f"keep_frac maps layers to fractions but lacks {missing}; give one fraction for each "
+                             f"of {names} (e.g. scenarios.resnet.er_densities(model, budget))")
+        fracs = {n: keep_frac[n] for n in names}
+    else:
+        fracs = dict.fromkeys(names, keep_frac)
+    for name, frac in fracs.items():
+        if not 0.0 < validation.positive_number(f"keep_frac[{name!r}]", frac) <= 1.0:
+            raise ValueError(f"keep_frac is the fraction of weights kept and must lie in (0, 1], got {frac} for "
+                             f"{name!r}")
+    return fracs
+
+
+def masked_weights(model: nn.Module, scores: Masks, *, keep_frac: KeepFrac = None) -> dict[str, torch.Tensor]:
     """W ⊙ M(s) with the straight-through gradient into the scores, for one task or K stacked tasks.
 
     scores: name → s shaped like W (one task) or (K, *W.shape) (K tasks) → the same shapes.
-    ``keep_frac=None``: M = 1[s ≥ 0] (fused kernel ``supermask_weight``, W broadcast over K); a float: M = the
-    top ``keep_frac`` of |s| of each task.
+    ``keep_frac=None``: M = 1[s ≥ 0] (fused kernel ``supermask_weight``, W broadcast over K); a float (or a
+    float per layer name): M = the top ``keep_frac`` of |s| of each task and layer.
     """
     params = maskable_parameters(model)
     if keep_frac is None:
         return {name: supermask_weight(params[name], s) for name, s in scores.items()}
+    fracs = layer_fractions(scores, keep_frac)
     out = {}
     for name, s in scores.items():
-        mask = (topk_supermask(s, keep_frac) if s.dim() == params[name].dim()
-                else torch.stack([topk_supermask(s_k, keep_frac) for s_k in s]))
+        mask = (topk_supermask(s, fracs[name]) if s.dim() == params[name].dim()
+                else torch.stack([topk_supermask(s_k, fracs[name]) for s_k in s]))
         out[name] = params[name] * mask
     return out
 
@@ -235,10 +289,10 @@ def mlp_weights(model: nn.Module) -> list[torch.Tensor] | None:
 class _AutogradMaskStep:
     """Mask training on any network: autograd through ``batched_masked_forward`` and ``torch.optim.RMSprop``."""
 
-    def __init__(self, model: nn.Module, seeds: Sequence[int], *, lr: float, keep_frac: float | None,
-                 classes: int | None) -> None:
+    def __init__(self, model: nn.Module, seeds: Sequence[int], *, lr: float, keep_frac: KeepFrac,
+                 classes: int | None, start: Sequence[Masks | None] | None = None) -> None:
         self.model, self.keep_frac, self.classes = model, keep_frac, classes
-        self.scores = stacked_scores(model, seeds)
+        self.scores = stacked_scores(model, seeds, start=start)
         self.optimizer = torch.optim.RMSprop(self.scores.values(), lr=lr, alpha=RMSPROP_ALPHA, eps=RMSPROP_EPS)
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor,
@@ -268,10 +322,11 @@ class _MLPMaskStep:
     """
 
     def __init__(self, model: nn.Module, weights: list[torch.Tensor], seeds: Sequence[int], *, lr: float,
-                 keep_frac: float | None, classes: int | None) -> None:
+                 keep_frac: KeepFrac, classes: int | None, start: Sequence[Masks | None] | None = None) -> None:
         self.names = list(maskable_parameters(model))
         self.lr, self.keep_frac, self.classes, self.k = lr, keep_frac, classes, len(seeds)
-        scores = stacked_scores(model, seeds)
+        self.fracs = None if keep_frac is None else list(layer_fractions(self.names, keep_frac).values())
+        scores = stacked_scores(model, seeds, start=start)
         numels = [self.k * w.numel() for w in weights]
         first = weights[0]
         flat = lambda: torch.empty(sum(numels), dtype=first.dtype, device=first.device)  # noqa: E731
@@ -292,9 +347,9 @@ class _MLPMaskStep:
             torch.ge(self.s_flat, 0, out=self.d_flat)
             torch.mul(self.w_flat, self.d_flat, out=self.e_flat)
             return
-        for s, e, w in zip(self.s, self.e, self.weights):
+        for s, e, w, frac in zip(self.s, self.e, self.weights, self.fracs):
             for k in range(self.k):
-                torch.mul(w, topk_keep(s[k].abs(), self.keep_frac), out=e[k])
+                torch.mul(w, topk_keep(s[k].abs(), frac), out=e[k])
 
     @torch.no_grad()
     def __call__(self, x: torch.Tensor, y: torch.Tensor,
@@ -353,11 +408,15 @@ def _check_trained(histories: Sequence[TrainHistory], first: int = 0) -> None:
 
 
 def train_supermasks(model: nn.Module, batches_per_task: Sequence[Iterable[Batch]], *, seeds: Sequence[int],
-                     lr: float = 1e-4, keep_frac: float | None = None, chunk: int | None = None,
-                     classes: int | None = None, progress: bool = True) -> TrainResult:
+                     lr: float = 1e-4, keep_frac: KeepFrac = None, chunk: int | None = None,
+                     classes: int | None = None, start_scores: Sequence[Masks | None] | None = None,
+                     keep_scores: bool = False, progress: bool = True) -> TrainResult:
     """Learn the supermasks of K tasks at once on the frozen ``model``; task k sees ``batches_per_task[k]``.
 
-    Task k's scores start from ``init_scores`` seeded with ``seeds[k]``. Each task's masks equal a
+    Task k's scores start from ``init_scores`` seeded with ``seeds[k]``, or from ``start_scores[k]`` when that is
+    given and not None (SupSup-Transfer, :func:`transfer_scores`; shaped like the weights). ``keep_frac``: None
+    for M = 1[s ≥ 0], else the kept fraction of |s| (one float, or one per layer name). ``keep_scores=True``
+    also returns each task's final real-valued scores (``result.scores``). Each task's masks equal a
     :func:`train_supermask` run on its own batches and seed, bit for bit. ``chunk`` tasks step together (one
     batched matmul); the chunks run one after another. Default: 1 on CPU (one task's state stays in cache),
     all K on a GPU. Iterables of unequal length are padded: an ended task's scores stay put. ``classes=c``: the
@@ -374,8 +433,11 @@ def train_supermasks(model: nn.Module, batches_per_task: Sequence[Iterable[Batch
     if len(seeds) != len(batches_per_task):
         raise ValueError(f"need one seed per task: {len(batches_per_task)} tasks, {len(seeds)} seeds")
     lr = validation.positive_number("lr", lr)
-    if keep_frac is not None and not 0.0 < validation.positive_number("keep_frac", keep_frac) <= 1.0:
-        raise ValueError(f"keep_frac is the fraction of weights kept and must lie in (0, 1], got {keep_frac}")
+    if keep_frac is not None:
+        if not isinstance(keep_frac, Mapping) and not 0.0 < validation.positive_number("keep_frac", keep_frac) <= 1.0:
+            raise ValueError(f"keep_frac is the fraction of weights kept and must lie in (0, 1], got {keep_frac}")
+        layer_fractions(params, keep_frac)
+    start_scores = _check_start_scores(params, start_scores, len(seeds))
     outputs = output_size(model)
     classes = validation.optional_integer(f"classes (logits in the loss, of the model's {outputs})", classes,
                                           minimum=1)
@@ -387,36 +449,66 @@ def train_supermasks(model: nn.Module, batches_per_task: Sequence[Iterable[Batch
     if chunk is None:
         chunk = len(seeds) if device.type == "cuda" else 1
     weights = mlp_weights(model)
-    masks, histories = [], []
+    masks, histories, finals = [], [], []
     _sync(device)
     start = time.perf_counter()
     for first in range(0, len(seeds), chunk):
         part = slice(first, first + chunk)
-        step = (_MLPMaskStep(model, weights, seeds[part], lr=lr, keep_frac=keep_frac, classes=classes)
+        step = (_MLPMaskStep(model, weights, seeds[part], lr=lr, keep_frac=keep_frac, classes=classes,
+                             start=start_scores[part])
                 if weights is not None
-                else _AutogradMaskStep(model, seeds[part], lr=lr, keep_frac=keep_frac, classes=classes))
+                else _AutogradMaskStep(model, seeds[part], lr=lr, keep_frac=keep_frac, classes=classes,
+                                       start=start_scores[part]))
         count = len(seeds[part])
         description = f"{count} mask{'s' if count > 1 else ''}" + (f" from task {first}" if len(seeds) > 1 else "")
         histories += run_steps(step, batches_per_task[part], progress=progress, description=description)
         _check_trained(histories, first)
         masks += [final_masks(step.task_scores(k), keep_frac=keep_frac) for k in range(count)]
+        if keep_scores:
+            finals += [{name: s.detach().clone() for name, s in step.task_scores(k).items()} for k in range(count)]
     _sync(device)
-    return TrainResult(masks, histories, time.perf_counter() - start)
+    return TrainResult(masks, histories, time.perf_counter() - start, finals)
+
+
+def _check_start_scores(params: dict[str, nn.Parameter], start_scores: Sequence[Masks | None] | None,
+                        tasks: int) -> list[Masks | None]:
+    """``start_scores`` as a list of one entry per task (None: the seeded init), each checked to hold a finite
+    float tensor shaped like every maskable weight, on its device."""
+    if start_scores is None:
+        return [None] * tasks
+    if len(start_scores) != tasks:
+        raise ValueError(f"start_scores needs one entry per task (None for the seeded init): {tasks} tasks, "
+                         f"{len(start_scores)} entries")
+    for k, scores in enumerate(start_scores):
+        if scores is None:
+            continue
+        if set(scores) != set(params):
+            raise ValueError(f"start_scores[{k}] must hold exactly the maskable weights {list(params)}, got "
+                             f"{list(scores)}")
+        for name, s in scores.items():
+            w = params[name]
+            if s.shape != w.shape or s.dtype != w.dtype or s.device != w.device or not bool(torch.isfinite(s).all()):
+                raise ValueError(f"start_scores[{k}][{name!r}] must be finite {w.dtype} {tuple(w.shape)} on "
+                                 f"{w.device} like the weight, got {s.dtype} {tuple(s.shape)} on {s.device}"
+                                 f"{'' if bool(torch.isfinite(s).all()) else ' with NaN or inf'}")
+    return list(start_scores)
 
 
 def train_supermask(model: nn.Module, batches: Iterable[Batch], *, seed: int, lr: float = 1e-4,
-                    keep_frac: float | None = None, classes: int | None = None, progress: bool = True) -> TrainResult:
+                    keep_frac: KeepFrac = None, classes: int | None = None, start_scores: Masks | None = None,
+                    keep_scores: bool = False, progress: bool = True) -> TrainResult:
     """Learn one task's supermask on the frozen ``model`` from ``batches`` (the paper's GNu recipe by default:
     M = 1[s ≥ 0], RMSprop 1e-4; e.g. ``stream.train_batches(task, 128, 1000, seed)``). Scores are seeded with
-    ``seed``; ``keep_frac`` switches to the top-k rule; ``classes`` restricts the loss to the first logits (see
-    :func:`train_supermasks`). ``result.masks[0]``: bool masks shaped like W."""
+    ``seed`` unless ``start_scores`` is given; ``keep_frac`` switches to the top-k rule (one float, or one per
+    layer); ``classes`` restricts the loss to the first logits (see :func:`train_supermasks`); ``keep_scores``
+    also returns the final scores. ``result.masks[0]``: bool masks shaped like W."""
     return train_supermasks(model, [batches], seeds=[seed], lr=lr, keep_frac=keep_frac, classes=classes,
-                            progress=progress)
+                            start_scores=[start_scores], keep_scores=keep_scores, progress=progress)
 
 
 def train_bank(model: nn.Module, stream: TaskStream, *, num_tasks: int, bank: MaskBank | None = None, k: int = 10,
                num_batches: int | None = 1000, batch_size: int = 128, lr: float = 1e-4,
-               keep_frac: float | None = None, classes: int | None = None, seed: int = 0,
+               keep_frac: KeepFrac = None, classes: int | None = None, transfer: bool = False, seed: int = 0,
                progress: bool = True) -> MaskBank:
     """Fill a ``MaskBank`` with the masks of tasks 0..num_tasks−1, ``k`` tasks per :func:`train_supermasks` call.
 
@@ -425,6 +517,10 @@ def train_bank(model: nn.Module, stream: TaskStream, *, num_tasks: int, bank: Ma
     ``k``. ``classes`` restricts the loss to the first logits (see :func:`train_supermasks`). A new bank is made
     for ``model`` and ``stream`` (both fingerprinted in it) unless ``bank`` is given: then it must fit both, and it
     is filled from task ``len(bank)`` on, which resumes an interrupted run. Returns it.
+
+    ``transfer=True`` is SupSup-Transfer: task t > 0 starts from :func:`transfer_scores` of tasks 0..t−1's final
+    scores (task 0 from its seeded draw), so the tasks train one after another (``k`` must be 1), and a bank
+    that already holds tasks cannot be resumed (it keeps binary masks, not the scores the mean needs).
     """
     k = validation.integer("k (tasks trained at once)", k, minimum=1)
     if not 1 <= validation.integer("num_tasks", num_tasks) <= stream.num_tasks:
@@ -438,14 +534,24 @@ def train_bank(model: nn.Module, stream: TaskStream, *, num_tasks: int, bank: Ma
     else:
         bank.check_compatible(model)
         bank.check_stream(stream)
+    if transfer and k != 1:
+        raise ValueError(f"transfer=True trains task t from the final scores of tasks 0..t−1, one task after "
+                         f"another: pass k=1, got k={k}")
+    if transfer and len(bank):
+        raise ValueError(f"transfer=True cannot resume a bank that holds {len(bank)} task(s): the running mean "
+                         f"needs their final real-valued scores, which a bank does not keep; train from task 0")
+    finals: list[Masks] = []
     todo = list(range(len(bank), num_tasks))
     with tqdm(total=len(todo), disable=not progress, desc="mask bank", unit="task") as bar:
         for first in range(0, len(todo), k):
             tasks = todo[first:first + k]
             batches = [stream.train_batches(t, batch_size, num_batches, derive_seed(seed, t, "batches"))
                        for t in tasks]
+            start = [transfer_scores(finals) if transfer and finals else None for _ in tasks]
             result = train_supermasks(model, batches, seeds=[derive_seed(seed, t, "scores") for t in tasks], lr=lr,
-                                      keep_frac=keep_frac, classes=classes, progress=progress)
+                                      keep_frac=keep_frac, classes=classes, start_scores=start,
+                                      keep_scores=transfer, progress=progress)
+            finals += result.scores
             for task_masks in result.masks:
                 bank.append(task_masks)
             bar.update(len(tasks))

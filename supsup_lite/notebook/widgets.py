@@ -7,7 +7,10 @@ The numbers come from pure functions (:func:`alpha_readout`, :func:`one_shot_ste
 """
 from __future__ import annotations
 
+import base64
 import html
+import io
+import math
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Callable, Iterator, Sequence
@@ -103,6 +106,22 @@ def binary_step(alphas: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def image_html(x: torch.Tensor, caption: str, size: int = 112) -> str:
+    """One square grayscale image as an inline PNG (a data URI: it needs no file and survives in saved widget
+    state), ``size`` pixels wide, nearest-neighbour upscaled, with a caption. x: (1, n²) or (1, 1, n, n)."""
+    from matplotlib.image import imsave
+
+    side = math.isqrt(x.numel())
+    if side * side != x.numel():
+        raise ValueError(f"image_html shows square grayscale images, got {x.numel()} values {tuple(x.shape)}")
+    buffer = io.BytesIO()
+    imsave(buffer, x.detach().float().reshape(side, side).cpu().numpy(), cmap="gray", format="png")
+    data = base64.b64encode(buffer.getvalue()).decode("ascii")
+    return (f'<div style="text-align:center;font-size:11px"><img src="data:image/png;base64,{data}" '
+            f'width="{size}" height="{size}" style="image-rendering:pixelated;border:1px solid #888"><br>'
+            f'{html.escape(caption)}</div>')
+
+
 def bars_html(values: Sequence[float], labels: Sequence[str], title: str, highlight: int | None = None,
               width: int = 220) -> str:
     """A small horizontal bar chart as HTML (signed values grow left or right of a centre line)."""
@@ -126,7 +145,7 @@ def bars_html(values: Sequence[float], labels: Sequence[str], title: str, highli
 
 class AlphaExplorer:
     """Sliders for α (one per task, ≤ ``MAX_TASKS``), a "normalise Σα = 1" toggle, an image picker (task,
-    index), live bars of the output distribution and of ∂H/∂α, the entropy, and buttons that apply One-Shot,
+    index), the picked image as the network sees it, live bars of the output distribution and of ∂H/∂α, the entropy, and buttons that apply One-Shot,
     a binary-search step, or reset α to uniform. ``readout`` always holds the numbers on display; in a degenerate
     state (all α = 0, a slider at NaN) it is None, the status line says why, the step buttons do nothing, and the
     next valid change redraws. When every ∂H/∂α is equal the readout names no steepest task, and says so."""
@@ -148,6 +167,7 @@ class AlphaExplorer:
         self.binary_button = widgets.Button(description="binary step")
         self.reset_button = widgets.Button(description="uniform α")
         self.status = widgets.HTML()
+        self.image_view = widgets.HTML()
         self.output_bars = widgets.HTML()
         self.grad_bars = widgets.HTML()
         self._holding = False
@@ -161,7 +181,7 @@ class AlphaExplorer:
 
     # --- state ------------------------------------------------------------------------------------
     def image(self) -> tuple[torch.Tensor, int]:
-        """The picked test image (1, 784) and its label."""
+        """The picked test image (1, 784), as the network sees it (the task's transform applied), and its label."""
         x, y = self.stream.test_set(self.task.value)
         index = min(self.index.value, y.shape[0] - 1)
         return x[index:index + 1], int(y[index])
@@ -197,6 +217,7 @@ class AlphaExplorer:
         if self._holding:
             return
         x, label = self.image()
+        self.image_view.value = image_html(x, f"input: task {self.task.value}, #{self.index.value}, label {label}")
         try:
             alphas = effective_alphas(self.raw_alphas(), self.normalise.value)
         except ValueError as err:
@@ -230,7 +251,8 @@ class AlphaExplorer:
         """The whole explorer as one box."""
         controls = widgets.VBox([*self.sliders, self.normalise, self.task, self.index,
                                  widgets.HBox([self.one_shot_button, self.binary_button, self.reset_button])])
-        return widgets.VBox([self.status, widgets.HBox([controls, self.output_bars, self.grad_bars])])
+        return widgets.VBox([self.status, widgets.HBox([controls, self.image_view, self.output_bars,
+                                                         self.grad_bars])])
 
     def _ipython_display_(self) -> None:
         from IPython.display import display

@@ -1,5 +1,8 @@
 """Scenario GG on SplitCIFAR100: one top-k supermask and one set of BatchNorm statistics per task.
 
+:func:`run_gg_batchnorm` is the loop for any frozen network with BatchNorm and any task stream (notebook 02 runs
+it on a small conv net over MNIST tasks); :func:`run_split_cifar100` is the paper's setting.
+
 The paper's recipe (§4.1; the authors' ``experiments/GG/splitcifar100`` scripts, ``rn18-supsup``): a frozen
 signed-constant GEM ResNet-18; for each task, scores s ~ U(±1/√fan_in), mask M = top-k(|s|) per layer with k the
 Erdős–Rényi density of the budget, straight-through gradient, Adam(lr 1e-3, weight decay 1e-4) with a cosine
@@ -24,7 +27,7 @@ from ..core.masks import MaskBank, Masks, apply_masks, final_masks, init_scores,
 from ..core.models import maskable_parameters, masked_forward
 from ..core.training import TrainHistory, TrainResult, evaluate, fit
 from ..data.cifar import SplitCIFAR100
-from ..data.mnist import Batch
+from ..data.mnist import Batch, TaskStream
 from .resnet import (
     GEM_WIDTH,
     Buffers,
@@ -88,7 +91,7 @@ def train_gg_task(model: nn.Module, batches: Iterable[Batch], *, bn_stats: Buffe
     return TrainResult([final_masks(scores, keep_frac=densities)], [history], time.perf_counter() - start)
 
 
-def evaluate_gg_task(model: nn.Module, stream: SplitCIFAR100, task: int, masks: Masks, bn_stats: Buffers,
+def evaluate_gg_task(model: nn.Module, stream: TaskStream, task: int, masks: Masks, bn_stats: Buffers,
                      batch_size: int = 1000) -> float:
     """Test accuracy of task ``task`` with its mask and BatchNorm statistics (model in eval mode)."""
     if model.training:
@@ -147,16 +150,36 @@ def run_split_cifar100(num_tasks: int = 20, epochs: int = 250, budget: float = 1
     if num_tasks > stream.num_tasks:
         raise ValueError(f"num_tasks={num_tasks} but the stream has only {stream.num_tasks} tasks")
     model = frozen_gem_resnet18(stream.num_classes, width, seed=seed, device=stream.device)
-    densities = er_densities(model, budget)
+    return run_gg_batchnorm(model, stream, num_tasks=num_tasks, densities=er_densities(model, budget), epochs=epochs,
+                            batch_size=batch_size, lr=lr, weight_decay=weight_decay, seed=seed,
+                            shared_batchnorm=shared_batchnorm, progress=progress)
+
+
+def run_gg_batchnorm(model: nn.Module, stream: TaskStream, *, num_tasks: int, densities: dict[str, float],
+                     epochs: int | None = None, num_batches: int | None = None, batch_size: int = 128,
+                     lr: float = 1e-3, weight_decay: float = 1e-4, seed: int = 0, shared_batchnorm: bool = False,
+                     progress: bool = True) -> GGResult:
+    """Scenario GG with top-k masks (``densities`` per layer) and BatchNorm statistics on any frozen ``model``
+    with non-affine BatchNorm layers: tasks 0..num_tasks−1 of ``stream`` in order, each trained by
+    :func:`train_gg_task` for ``epochs`` epochs or ``num_batches`` batches (give exactly one), scores and batches
+    seeded with ``derive_seed(seed, task, "scores" / "batches")``. Each task gets fresh BatchNorm buffers, or,
+    with ``shared_batchnorm=True``, all tasks share one set (the authors' first releases). After each task every
+    learned task is re-evaluated with its mask and its buffers (``GGResult.accuracy``)."""
+    if (epochs is None) == (num_batches is None):
+        raise ValueError(f"give exactly one of epochs and num_batches per task, got epochs={epochs}, "
+                         f"num_batches={num_batches}")
+    if not 1 <= num_tasks <= stream.num_tasks:
+        raise ValueError(f"num_tasks must lie in 1..{stream.num_tasks} (the stream's tasks), got {num_tasks}")
     bank = MaskBank.for_model(model, stream=stream)
     shared = batchnorm_stats(model)
     bn_stats, histories = [], []
     accuracy = np.full((num_tasks, num_tasks), np.nan)
-    for task in tqdm(range(num_tasks), disable=not progress, desc="SplitCIFAR100 tasks"):
+    for task in tqdm(range(num_tasks), disable=not progress, desc=f"{stream.name} tasks"):
         stats = shared if shared_batchnorm else batchnorm_stats(model)
         per_epoch = math.ceil(stream.num_train(task) / batch_size)
-        batches = stream.train_batches(task, batch_size, epochs * per_epoch, derive_seed(seed, task, "batches"))
-        result = train_gg_task(model, batches, bn_stats=stats, densities=densities, num_batches=epochs * per_epoch,
+        total = epochs * per_epoch if num_batches is None else num_batches
+        batches = stream.train_batches(task, batch_size, total, derive_seed(seed, task, "batches"))
+        result = train_gg_task(model, batches, bn_stats=stats, densities=densities, num_batches=total,
                                batches_per_epoch=per_epoch, seed=derive_seed(seed, task, "scores"), lr=lr,
                                weight_decay=weight_decay, progress=progress)
         bank.append(result.masks[0])
@@ -164,6 +187,6 @@ def run_split_cifar100(num_tasks: int = 20, epochs: int = 250, budget: float = 1
         histories += result.history
         for j in range(task + 1):
             accuracy[task, j] = evaluate_gg_task(model, stream, j, bank.get(j), bn_stats[j])
-    total = sum(p.numel() for p in maskable_parameters(model).values())
+    total_weights = sum(p.numel() for p in maskable_parameters(model).values())
     return GGResult(accuracy, bank, bn_stats, densities, shared_batchnorm, histories,
-                    kept_weights(model, densities), total)
+                    kept_weights(model, densities), total_weights)

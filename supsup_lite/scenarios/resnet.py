@@ -109,6 +109,31 @@ def frozen_gem_resnet18(num_outputs: int = 5, width: int = GEM_WIDTH, seed: int 
     return model.to(resolve_device(device)).eval()
 
 
+SMALL_CONVNET = "small_convnet"
+
+
+def frozen_small_convnet(num_outputs: int = 10, width: int = 16, seed: int = 0,
+                         device: torch.device | str | None = None) -> nn.Sequential:
+    """A CPU-sized conv net for MNIST streams with non-affine BatchNorm, frozen as a signed-constant network.
+
+    x (B, 784) → (B, 1, 28, 28) → three blocks conv3×3 (stride 2, bias-free) → BatchNorm → ReLU with ``width``,
+    2·``width``, 4·``width`` channels (14², 7², 4² pixels) → global average pool → bias-free linear head →
+    logits (B, ``num_outputs``). Used to show why BatchNorm statistics must be per task (notebook 02).
+    """
+    if num_outputs < 1 or width < 1:
+        raise ValueError(f"num_outputs and width must be ≥ 1, got num_outputs={num_outputs}, width={width}")
+    layers: list[nn.Module] = [nn.Unflatten(1, (1, 28, 28))]
+    c_in = 1
+    for c_out in (width, 2 * width, 4 * width):
+        layers += [conv3x3(c_in, c_out, stride=2), non_affine_batchnorm(c_out), nn.ReLU()]
+        c_in = c_out
+    layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(c_in, num_outputs, bias=False)]
+    model = nn.Sequential(*layers)
+    signed_constant_(model, torch.Generator().manual_seed(seed))
+    model.arch, model.base_seed = SMALL_CONVNET, seed
+    return model.to(resolve_device(device)).eval()
+
+
 def er_density(shape: torch.Size | tuple[int, ...], budget: float) -> float:
     """Erdős–Rényi kept fraction of a layer: min(0.5, budget · (c_out + c_in) / (c_out · c_in · k_h · k_w)).
 
