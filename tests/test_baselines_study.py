@@ -12,7 +12,7 @@ import supsup_lite.baselines.methods as methods
 from supsup_lite.baselines.context import (batche_alpha_gradient, batche_forward, batche_one_shot, rank_one_factors,
                                            stacked_factors, superposed_batche_forward)
 from supsup_lite.baselines.methods import ConvergedUpperBound, OnlineEWCMethod, SIMethod, SupSupGNu
-from supsup_lite.baselines.study import (permuted_tasks, run_seeds, single_image_gnu, student_t_quantile,
+from supsup_lite.baselines.study import (first_tasks, permuted_tasks, run_seeds, single_image_gnu, student_t_quantile,
                                          t_interval)
 from supsup_lite.core.inference import entropy
 from supsup_lite.core.models import frozen_random_model, maskable_parameters, masked_forward
@@ -190,7 +190,11 @@ def test_t_quantile_and_interval_match_scipy():
 
 
 def test_run_seeds_changes_tasks_init_and_batches_per_seed():
-    a, b, a_again = permuted_tasks(2, 0), permuted_tasks(2, 1), permuted_tasks(2, 0)
+    a, b, a_again = permuted_tasks(2, 0), permuted_tasks(2, 1), permuted_tasks(3, 0)
+    cut = first_tasks(a_again, 2)
+    assert cut.num_tasks == 2 and a_again.num_tasks == 3 and torch.equal(cut.test_set(1)[0], a.test_set(1)[0])
+    with pytest.raises(ValueError, match=r"num_tasks must lie in 1..3 \(the stream's tasks\), got 4"):
+        first_tasks(a_again, 4)
     assert torch.equal(a.permutation(1), a_again.permutation(1)) and not torch.equal(a.permutation(1), b.permutation(1))
     streams = {0: a, 1: b}
     runs = run_seeds(lambda stream, seed: FineTuning(dense_model("lenet_300_100", seed=seed), stream, num_batches=5,

@@ -10,6 +10,7 @@
 """
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Sequence
@@ -27,6 +28,16 @@ def permuted_tasks(num_tasks: int, run_seed: int, *, device: torch.device | str 
     """PermutedMNIST for run ``run_seed``: task t permutes the pixels with ``RandomState(p + t)``,
     p = ``derive_seed(run_seed, 0, "tasks")`` mod 2³¹, so different runs learn different tasks."""
     return PermutedMNIST(num_tasks, seed=derive_seed(run_seed, 0, "tasks") % 2 ** 31, device=device)
+
+
+def first_tasks(stream: TaskStream, num_tasks: int) -> TaskStream:
+    """The same stream cut to its first ``num_tasks`` tasks (the same tasks, sharing the data: nothing is copied),
+    e.g. a 10-task class-incremental run on the first tasks of a 50-task sequence."""
+    if not 1 <= num_tasks <= stream.num_tasks:
+        raise ValueError(f"num_tasks must lie in 1..{stream.num_tasks} (the stream's tasks), got {num_tasks}")
+    view = copy.copy(stream)
+    view.num_tasks = num_tasks
+    return view
 
 
 # --- confidence intervals over seeds ---------------------------------------------------------------------------
