@@ -269,7 +269,8 @@ class SeparateHeads(_Trained):
 
 # --- the upper bound: a dense network per task, trained to convergence ----------------------------------------
 class ConvergedUpperBound(ContinualMethod):
-    """One dense network per task, each trained to convergence on its own: the GG upper bound.
+    """One dense network per task, each trained on its own until its held-out accuracy stops improving: the GG
+    upper bound (it bounds only if it beats every method on every task; check that where it is used).
 
     Task t gets a fresh copy of ``model`` with PyTorch's default Linear init drawn under
     ``derive_seed(seed, t, "weights")``. ``holdout`` of its training images (chosen under
