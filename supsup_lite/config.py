@@ -66,7 +66,8 @@ def seed_everything(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
-SEED_PURPOSES = ("scores", "batches", "evaluation", "weights", "factors", "contexts", "penalty", "classes")
+SEED_PURPOSES = ("scores", "batches", "evaluation", "weights", "factors", "contexts", "penalty", "classes",
+                 "tasks")
 
 
 def derive_seed(run_seed: int, task: int, purpose: str) -> int:

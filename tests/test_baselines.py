@@ -347,4 +347,4 @@ def test_supsup_gnu_infers_the_task_and_a_wrong_task_scores_zero(permuted):
     with pytest.raises(ValueError, match="infers the task"):
         supsup.predict(x[:5], 2)
     with pytest.raises(TypeError, match="UnsharedLabels"):
-        SupSupGNu(supsup.model, permuted)
+        SupSupGNu(supsup.model, [permuted])

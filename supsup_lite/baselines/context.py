@@ -2,21 +2,22 @@
 
 * **BatchE** (Wen et al. 2020): shared W, rank-one per-task factors: each layer computes y = s ⊙ (W (x ⊙ t)).
 * **PSP** (Cheung et al. 2019): shared W, fixed random orthogonal per-task contexts: y = W (C x).
+* **BatchE in superposition** (the paper's Fig. 5-right): every task's rank-one factors at once,
+  W ⊙ Σ_i α_i s_i t_iᵀ, and One-Shot task inference from the entropy gradient at uniform α.
 """
 from __future__ import annotations
 
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..core.inference import Objective, entropy
 from ..core.models import maskable_parameters
 from .regularisers import Params
 
 Linear = Callable[[str, torch.Tensor, torch.Tensor], torch.Tensor]
-
-
 
 
 # --- layer-wise forward for the per-task-context baselines --------------------------------------------------
@@ -72,6 +73,68 @@ def batche_forward(model: nn.Module, factors: RankOne, x: torch.Tensor) -> torch
 def batche_weights(model: nn.Module, factors: RankOne) -> Params:
     """The equivalent effective weights W ⊙ (s tᵀ) per layer (for ``masked_forward``; O(out·in) each)."""
     return {name: weight * torch.outer(*factors[name]) for name, weight in maskable_parameters(model).items()}
+
+
+# --- BatchE in superposition and its One-Shot task inference -------------------------------------------------
+def stacked_factors(factors: Sequence[RankOne]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """T tasks' factors stacked per layer: name → (S (T, out), R (T, in)), row i from task ``factors[i]``."""
+    if not factors:
+        raise ValueError("superposing BatchE factors needs at least one task's factors, got none")
+    names = list(factors[0])
+    for i, task in enumerate(factors):
+        if list(task) != names:
+            raise KeyError(f"factors[{i}] covers layers {list(task)}, factors[0] covers {names}; "
+                           "pass factors of one model")
+    return {n: (torch.stack([f[n][0] for f in factors]), torch.stack([f[n][1] for f in factors])) for n in names}
+
+
+def superposed_batche_forward(model: nn.Module, factors: Sequence[RankOne], alphas: torch.Tensor,
+                              x: torch.Tensor) -> torch.Tensor:
+    """BatchE with the T tasks' rank-one factors in superposition. x: (B, in) → logits (B, s).
+
+    Every Linear layer computes y = (W ⊙ Σ_i α_i s_i t_iᵀ) h = Σ_i α_i s_i ⊙ (W (h ⊙ t_i)), evaluated in the
+    second (factored) form, which costs T ordinary products with W and lets every image have its own α:
+    ``alphas`` is (T,) (one α for the batch) or (B, T) (row b for image b). At a one-hot α = e_i this is
+    :func:`batche_forward` with task i's factors. Differentiable in ``alphas``.
+    """
+    stacked = stacked_factors(factors)
+    tasks = len(factors)
+    if alphas.shape not in ((tasks,), (x.shape[0], tasks)):
+        raise ValueError(f"alphas must have shape ({tasks},) or ({x.shape[0]}, {tasks}) for {tasks} tasks and "
+                         f"{x.shape[0]} images; got {tuple(alphas.shape)}")
+    weights = alphas.expand(x.shape[0], tasks).unsqueeze(2)  # (B, T, 1)
+
+    def linear(name: str, weight: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+        s, t = stacked[name]                                   # (T, out), (T, in)
+        per_task = F.linear(h.unsqueeze(1) * t, weight) * s   # (B, T, out): s_i ⊙ (W (h ⊙ t_i))
+        return (weights * per_task).sum(1)
+
+    return layerwise_forward(model, x, linear)
+
+
+def batche_alpha_gradient(model: nn.Module, factors: Sequence[RankOne], x: torch.Tensor, *,
+                          objective: Objective = entropy) -> torch.Tensor:
+    """Each image's gradient of the objective (e.g. the output entropy H) with respect to its own α, at the
+    uniform α_i = 1/T: x (B, in) → (B, T). ``objective`` maps logits (B, s) to (B,) per-image values."""
+    alphas = torch.full((x.shape[0], len(factors)), 1.0 / len(factors), dtype=x.dtype, device=x.device,
+                        requires_grad=True)
+    with torch.enable_grad():
+        values = objective(superposed_batche_forward(model, factors, alphas, x))
+        if values.shape != (x.shape[0],):
+            raise ValueError(f"the objective must return one value per image, shape ({x.shape[0]},); "
+                             f"got {tuple(values.shape)}")
+        (gradient,) = torch.autograd.grad(values.sum(), alphas)
+    return gradient
+
+
+def batche_one_shot(model: nn.Module, factors: Sequence[RankOne], x: torch.Tensor, *,
+                    objective: Objective = entropy) -> torch.Tensor:
+    """One-Shot task inference for BatchE, image by image: t̂ = argmax_i −∂H/∂α_i at α = 1/T. x (B, in) → (B,).
+
+    With α = softmax(z) the gradient in z at z = 0 is (1/T)(g − mean g), g = ∂H/∂α: the same argmax, so
+    inferring in α or in the logits z (as the authors' ``BatchEnsembles`` parametrises it) picks the same task.
+    """
+    return batche_alpha_gradient(model, factors, x, objective=objective).argmin(1)
 
 
 # --- PSP -----------------------------------------------------------------------------------------------------

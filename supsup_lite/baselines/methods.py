@@ -7,6 +7,7 @@ same harness, inferring each test batch's task.
 from __future__ import annotations
 
 import copy
+import math
 from typing import Callable, Iterable, Literal
 
 import torch
@@ -14,9 +15,10 @@ from torch import nn
 
 from ..config import derive_seed
 from ..core.inference import Objective, entropy
+from ..core.masks import MaskBank
 from ..core.models import maskable_parameters, masked_forward
 from ..core.storage import SEED_BYTES, dense_bytes
-from ..core.training import fit, predict
+from ..core.training import evaluate, fit, predict
 from ..data.mnist import TaskStream
 from ..data.unshared import UnsharedLabels
 from ..scenarios.continual import ContinualMethod, FineTuning, SupSupGG
@@ -265,37 +267,122 @@ class SeparateHeads(_Trained):
         return dense_bytes(trunk) + parameter_bytes(self.heads.values())
 
 
+# --- the upper bound: a dense network per task, trained to convergence ----------------------------------------
+class ConvergedUpperBound(ContinualMethod):
+    """One dense network per task, each trained on its own until its held-out accuracy stops improving: the GG
+    upper bound (it bounds only if it beats every method on every task; check that where it is used).
+
+    Task t gets a fresh copy of ``model`` with PyTorch's default Linear init drawn under
+    ``derive_seed(seed, t, "weights")``. ``holdout`` of its training images (chosen under
+    ``derive_seed(seed, t, "evaluation")``) are set aside; ``epoch_size`` of the others (None: all of them) are
+    its training set. Each epoch walks that set once in a fresh order (``derive_seed(seed, t, "batches")``
+    starts the order generator) in batches of ``batch_size`` with Adam(``lr``), then measures the held-out
+    accuracy. Training stops when that accuracy has not improved for ``patience`` epochs, or after
+    ``max_epochs``; the network keeps the weights of its best epoch. ``stopped[t]`` = (best epoch, epochs run).
+    """
+
+    name = "upper bound"
+
+    def __init__(self, model: nn.Module, stream: TaskStream, *, lr: float = 1e-3, batch_size: int = 128,
+                 holdout: int = 5000, epoch_size: int | None = None, patience: int = 2, max_epochs: int = 20,
+                 seed: int = 0, progress: bool = False) -> None:
+        super().__init__(stream)
+        for what, value in (("holdout", holdout), ("patience", patience), ("max_epochs", max_epochs),
+                            ("batch_size", batch_size)):
+            if value < 1:
+                raise ValueError(f"{what} must be ≥ 1, got {value}")
+        if epoch_size is not None and epoch_size < 1:
+            raise ValueError(f"epoch_size must be ≥ 1 or None (every image not held out), got {epoch_size}")
+        self.initial = copy.deepcopy(model).requires_grad_(False)
+        self.lr, self.batch_size, self.holdout, self.epoch_size = lr, batch_size, holdout, epoch_size
+        self.patience, self.max_epochs, self.seed, self.progress = patience, max_epochs, seed, progress
+        self.models: dict[int, nn.Module] = {}
+        self.stopped: dict[int, tuple[int, int]] = {}
+
+    def learn(self, task: int) -> None:  # noqa: D102
+        task = self.stream.check_task(task)
+        x, y = self.stream.train_set(task)
+        if self.holdout >= y.shape[0]:
+            raise ValueError(f"holdout={self.holdout} leaves no training images: task {task} has {y.shape[0]}")
+        order = torch.randperm(y.shape[0], generator=torch.Generator().manual_seed(
+            derive_seed(self.seed, task, "evaluation"))).to(y.device)
+        held, rest = order[:self.holdout], order[self.holdout:]
+        rest = rest if self.epoch_size is None else rest[:self.epoch_size]
+        x_held, y_held, x_train, y_train = x[held], y[held], x[rest], y[rest]
+        del x, y
+        model = initialised_model(self.initial, _default_linear_init, derive_seed(self.seed, task, "weights"))
+        optimizer = torch.optim.Adam(model.parameters(), lr=self.lr)
+        shuffle = torch.Generator().manual_seed(derive_seed(self.seed, task, "batches"))
+        best, best_epoch, best_state, epoch = -1.0, 0, None, 0
+        while epoch < self.max_epochs and epoch - best_epoch < self.patience:
+            epoch += 1
+            perm = torch.randperm(y_train.shape[0], generator=shuffle).to(y_train.device)
+            batches = [(x_train[i], y_train[i]) for i in perm.split(self.batch_size)]
+            fit(model, optimizer, batches, progress=self.progress, description=f"{self.name}, task {task}")
+            accuracy = evaluate(model, None, x_held, y_held)
+            if accuracy > best:
+                best, best_epoch, best_state = accuracy, epoch, copy.deepcopy(model.state_dict())
+        model.load_state_dict(best_state)
+        self.models[task] = model.requires_grad_(False).eval()
+        self.stopped[task] = (best_epoch, epoch)
+
+    def predict(self, x: torch.Tensor, task: int | None) -> torch.Tensor:  # noqa: D102
+        task = _need_task(self.name, task, self.models)
+        return predict(self.models[task], None, x)
+
+    def storage_bytes(self) -> int:
+        """One fp32 model per task learned."""
+        return sum(dense_bytes(m) for m in self.models.values())
+
+
+def _default_linear_init(weight: torch.Tensor) -> torch.Tensor:
+    """PyTorch's default ``nn.Linear`` weight init, kaiming_uniform_(a=√5)."""
+    return nn.init.kaiming_uniform_(weight, a=math.sqrt(5))
+
+
 # --- SupSup without task ids, on the same harness ---------------------------------------------------------------
 TaskSearch = Literal["one_shot", "binary"]
 
 
 class SupSupGNu(SupSupGG):
-    """SupSup in scenario GNu: masks learned as in GG (on the base stream's labels 0..C−1), task withheld at test.
+    """SupSup without the task id at test: masks learned as in GG (on the base stream's labels 0..C−1).
 
     ``predict(x, None)`` cuts x into batches of ``test_batch`` images (in order); each batch's task t̂ is
     inferred from its first ``infer_from`` images by ``search`` ("one_shot": argmin_t ∂objective/∂α_t at
     α = 1/T, Eq. 4; "binary": halve the candidates ⌈log₂ T⌉ times) over the tasks learned so far, and the
-    batch is classified with mask t̂ over the first C outputs: the prediction is C·t̂ + ŷ, the label space
-    of ``stream`` (an :class:`UnsharedLabels`). A wrongly inferred batch therefore scores 0 — the paper's
-    GNu protocol (one image per batch of 128 for PermutedMNIST; the whole batch with binary search for
-    RotatedMNIST). Extra keyword arguments go to ``SupSupGG``.
+    batch is classified with mask t̂ over the first C outputs, ŷ. On an :class:`UnsharedLabels` stream
+    (scenario GNu, van de Ven & Tolias' class-incremental learning) the prediction is C·t̂ + ŷ, so a wrongly
+    inferred batch scores 0 — the paper's GNu protocol (one image per batch of 128 for PermutedMNIST; the whole
+    batch with binary search for RotatedMNIST). On a plain stream (labels shared: scenario GNs, their
+    domain-incremental learning) it is ŷ, right whenever mask t̂ gets the digit right. ``masks`` (optional):
+    masks already learned on ``model`` (row t = task t, e.g. ``other.bank`` of a run in the other scenario);
+    ``learn(t)`` then takes row t instead of training. Extra keyword arguments go to ``SupSupGG``.
     """
 
     name = "SupSup (GNu)"
 
-    def __init__(self, model: nn.Module, stream: UnsharedLabels, search: TaskSearch = "one_shot",
-                 objective: Objective = entropy, infer_from: int = 1, test_batch: int = 128, **settings) -> None:
-        if not isinstance(stream, UnsharedLabels):
-            raise TypeError(f"SupSup (GNu) predicts task and label, so it runs on UnsharedLabels(stream); "
-                            f"got {type(stream).__name__}")
+    def __init__(self, model: nn.Module, stream: TaskStream, search: TaskSearch = "one_shot",
+                 objective: Objective = entropy, infer_from: int = 1, test_batch: int = 128,
+                 masks: MaskBank | None = None, **settings) -> None:
+        if not isinstance(stream, TaskStream):
+            raise TypeError(f"stream must be a TaskStream (UnsharedLabels(stream) for GNu, the stream itself for "
+                            f"GNs); got {type(stream).__name__}")
         if search not in ("one_shot", "binary"):
             raise ValueError(f"search must be 'one_shot' or 'binary', got {search!r}")
         if not 1 <= infer_from <= test_batch:
             raise ValueError(f"infer_from must lie in 1..test_batch={test_batch}, got {infer_from}")
-        super().__init__(model, stream.base, **settings)  # masks learn the base labels 0..C−1
-        self.unshared, self.classes = stream, stream.classes_per_task
+        self.unshared = isinstance(stream, UnsharedLabels)
+        base = stream.base if self.unshared else stream
+        super().__init__(model, base, **settings)  # masks learn the base labels 0..C−1
+        self.name = "SupSup (GNu)" if self.unshared else "SupSup (GNs)"
+        self.classes = base.num_classes
         self.search, self.objective = search, objective
         self.infer_from, self.test_batch = infer_from, test_batch
+        if masks is not None:
+            masks.check_compatible(model)
+            if len(masks) > base.num_tasks:
+                raise ValueError(f"masks holds {len(masks)} tasks' masks but the stream has {base.num_tasks} tasks")
+            self._ahead = {task: masks.get(task) for task in range(len(masks))}
 
     def infer_batches(self, x: torch.Tensor) -> list[int]:
         """The inferred task of every batch of ``test_batch`` consecutive images of x (N, ...), each from its first
@@ -312,5 +399,7 @@ class SupSupGNu(SupSupGG):
         tasks = torch.tensor(self.infer_batches(x), dtype=torch.long)
         labels = predict_batches(self.model, self.bank, x, torch.tensor([self.rows[t] for t in tasks.tolist()]),
                                  batch_size=self.test_batch, classes=self.classes)
+        if not self.unshared:
+            return labels
         # C·t̂ + ŷ equals the label C·t + y only when t̂ = t: the harness's accuracy is protocols.gnu_score
         return self.classes * tasks.to(x.device).repeat_interleave(self.test_batch)[: x.shape[0]] + labels

@@ -36,9 +36,21 @@ def fc_1024_1024(num_outputs: int = 10) -> nn.Sequential:
     return _mlp([784, 1024, 1024, num_outputs])
 
 
+def fc_1000_1000(num_outputs: int = 10) -> nn.Sequential:
+    """van de Ven & Tolias' permuted-MNIST MLP (without biases): 784 → 1000 → 1000 → s, ReLU."""
+    return _mlp([784, 1000, 1000, num_outputs])
+
+
+def fc_400_400(num_outputs: int = 10) -> nn.Sequential:
+    """van de Ven & Tolias' split-MNIST MLP (without biases): 784 → 400 → 400 → s, ReLU."""
+    return _mlp([784, 400, 400, num_outputs])
+
+
 ARCHITECTURES: dict[str, Callable[[int], nn.Module]] = {
     "lenet_300_100": lenet_300_100,
     "fc_1024_1024": fc_1024_1024,
+    "fc_1000_1000": fc_1000_1000,
+    "fc_400_400": fc_400_400,
 }
 
 

@@ -277,8 +277,15 @@ class SupSupGG(ContinualMethod):
         return self.bank.nbytes + SEED_BYTES
 
 
+OPTIMIZERS = {  # name → (parameters, lr) → optimiser; Adam fused (one kernel per step, same update)
+    "rmsprop": lambda params, lr: torch.optim.RMSprop(params, lr=lr),
+    "adam": lambda params, lr: torch.optim.Adam(params, lr=lr, fused=True),
+}
+
+
 class FineTuning(ContinualMethod):
-    """One dense network trained on every task in turn with RMSprop(lr): the naive baseline that forgets.
+    """One dense network trained on every task in turn with ``optimizer`` ("rmsprop", the paper's recipe, or
+    "adam", van de Ven & Tolias') at ``lr``: the naive baseline that forgets.
 
     The one fine-tuning of the package: the regularised baselines (Online EWC, SI in ``supsup_lite.baselines``)
     are this class with a penalty wrapped around its optimiser (:meth:`optimizer`) and consolidation in the
@@ -288,16 +295,19 @@ class FineTuning(ContinualMethod):
     name = "fine-tuning"
 
     def __init__(self, model: nn.Module, stream: TaskStream, *, num_batches: int | None = 1000, batch_size: int = 128,
-                 lr: float = 1e-4, seed: int = 0, progress: bool = False) -> None:
+                 lr: float = 1e-4, optimizer: str = "rmsprop", seed: int = 0, progress: bool = False) -> None:
         super().__init__(stream)
+        if optimizer not in OPTIMIZERS:
+            raise ValueError(f"optimizer must be one of {sorted(OPTIMIZERS)}, got {optimizer!r}")
+        self.optimizer_name = optimizer
         self.model = copy.deepcopy(model).requires_grad_(True)
         self.params = {name: p for name, p in self.model.named_parameters() if p.requires_grad}
         self.num_batches, self.batch_size, self.lr, self.progress = num_batches, batch_size, lr, progress
         self.seed = seed
 
     def optimizer(self) -> torch.optim.Optimizer:
-        """The optimiser of one task: a fresh RMSprop(lr) over every parameter."""
-        return torch.optim.RMSprop(self.params.values(), lr=self.lr)
+        """The optimiser of one task: a fresh RMSprop(lr) or Adam(lr) over every parameter."""
+        return OPTIMIZERS[self.optimizer_name](list(self.params.values()), self.lr)
 
     def begin_task(self, task: int) -> None:
         """Called before training task ``task`` (a hook for subclasses)."""
