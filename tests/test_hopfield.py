@@ -2,7 +2,8 @@
 import pytest
 import torch
 
-from supsup_lite.scenarios.hopfield import (RULES, async_update, capacity_curve, energy, random_patterns, recall, simplified_storkey_update, storkey_update,
+from supsup_lite.scenarios.hopfield import (RULES, async_update, basin_curve, capacity_curve, energy, flip_bits,
+                                            random_patterns, recall, simplified_storkey_update, storkey_update,
                                             store, sync_update, tie_tolerance, to_bipolar, to_mask,
                                             without_self_coupling)
 
@@ -208,3 +209,45 @@ def test_bipolar_round_trip_and_errors():
     with pytest.raises(ValueError, match="d=4"):
         recall(torch.zeros(3, 3), torch.ones(4))
     assert simplified_storkey_update(torch.zeros(3, 3), torch.ones(3)).shape == (3, 3)
+
+
+def test_flip_bits_flips_exactly_k_distinct_bits_per_row():
+    X = random_patterns(6, 40, torch.Generator().manual_seed(0))
+    for k in (0, 1, 13, 40):
+        Y = flip_bits(X, k, generator=torch.Generator().manual_seed(k))
+        assert torch.equal((Y != X).sum(1), torch.full((6,), k))
+        assert torch.equal(Y[Y == X], X[Y == X]) and torch.equal(Y[Y != X], -X[Y != X])
+    assert not torch.equal(flip_bits(X, 5, generator=torch.Generator().manual_seed(1))[0] != X[0],
+                           flip_bits(X, 5, generator=torch.Generator().manual_seed(1))[1] != X[1])
+    with pytest.raises(ValueError, match="num_flips=41"):
+        flip_bits(X, 41)
+    with pytest.raises(ValueError, match="only −1 and \\+1"):
+        flip_bits(torch.zeros(2, 3), 1)
+
+
+def test_basin_curve_equals_a_plain_loop():
+    """Same generator sequence by hand: patterns, then per fraction a probe subset, the flips, recall."""
+    d, P, fractions = 96, 12, [0.0, 0.1, 0.45]
+    out = basin_curve(d, P, fractions, rule="storkey", num_probes=8, seed=4)
+    gen = torch.Generator().manual_seed(4)
+    X = random_patterns(P, d, gen)
+    W = store(X, "storkey")
+    for i, f in enumerate(fractions):
+        targets = X[torch.randperm(P, generator=gen)[:8]]
+        probes = flip_bits(targets, round(f * d), generator=gen)
+        states, _ = plain_async_recall(W, probes, 30, gen)
+        assert out["flip_fraction"][i] == round(f * d) / d
+        assert out["exact"][i] == (states == targets).all(1).float().mean().item()
+        assert out["bit_error"][i] == pytest.approx((states != targets).float().mean().item(), abs=1e-7)
+        assert out["mirror"][i] == (states == -targets).all(1).float().mean().item()
+
+
+def test_basin_shrinks_with_distance_and_storkey_has_the_wider_basin():
+    d, fractions = 256, [0.0, 0.2, 0.3, 0.5]
+    heb = basin_curve(d, 26, fractions, rule="hebbian", num_probes=32)      # load 0.10
+    sto = basin_curve(d, 26, fractions, rule="storkey", num_probes=32)
+    assert sto["exact"][:3] == [1.0, 1.0, 1.0]                    # Storkey: back from 30 % flipped bits
+    assert heb["exact"][2] < sto["exact"][2]
+    assert heb["exact"][3] == sto["exact"][3] == 0.0                # half the bits flipped: no memory of x is left
+    with pytest.raises(ValueError, match="flip_fractions must be fractions in \\[0, 1\\], got \\[1.5\\]"):
+        basin_curve(d, 4, [1.5])

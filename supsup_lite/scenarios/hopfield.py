@@ -386,3 +386,62 @@ def capacity_curve(
         out["bit_error"].append(wrong.mean().item())
         out["exact"].append((wrong == 0).float().mean().item())
     return out
+
+
+# ------------------------------------------------------------------------------------------ basin experiment
+def flip_bits(patterns: torch.Tensor, num_flips: int, *, generator: torch.Generator | None = None) -> torch.Tensor:
+    """A copy of ``patterns`` (B, d) bipolar with exactly ``num_flips`` entries of each row negated.
+
+    Each row flips its own random set of positions: the first ``num_flips`` of argsort(u), u ~ U(0, 1)^(B, d)
+    drawn from ``generator``.
+    """
+    check_bipolar(patterns, "patterns")
+    if patterns.dim() != 2 or not 0 <= num_flips <= patterns.shape[1]:
+        raise ValueError(f"need patterns of shape (B, d) and 0 ≤ num_flips ≤ d; got shape {tuple(patterns.shape)}"
+                         f" and num_flips={num_flips}")
+    where = torch.rand(patterns.shape, generator=generator).argsort(1)[:, :num_flips].to(patterns.device)
+    return patterns.scatter(1, where, -patterns.gather(1, where))
+
+
+def basin_curve(
+    d: int,
+    num_patterns: int,
+    flip_fractions: Sequence[float],
+    *,
+    rule: Rule = "hebbian",
+    num_probes: int = 64,
+    mode: Mode = "async",
+    max_sweeps: int = 30,
+    seed: int = 0,
+    device: torch.device | str | None = None,
+) -> dict[str, list[float]]:
+    """Recall started *away* from a stored pattern: the basin of attraction beside the stability of
+    :func:`capacity_curve` (which starts at the pattern, flip fraction 0).
+
+    Stores ``num_patterns`` random patterns x (load P/d) with ``rule``; for each fraction f in
+    ``flip_fractions`` picks up to ``num_probes`` stored patterns, flips k = round(f·d) bits of each
+    (:func:`flip_bits`) and runs :func:`recall` from there. Random numbers, all from one generator seeded with
+    ``seed``: the patterns, then per f the probe subset (randperm), the flips, the sweep orders.
+    Returns lists aligned with ``flip_fractions``: ``flip_fraction`` (k/d), ``exact`` (fraction of probes that
+    end exactly on their own pattern x), ``bit_error`` (mean fraction of bits that differ from x at the end)
+    and ``mirror`` (fraction that end exactly on −x, also a fixed point of E(s) = −½ sᵀWs).
+    """
+    fractions = [float(f) for f in flip_fractions]
+    if not fractions or any(not 0.0 <= f <= 1.0 for f in fractions):
+        raise ValueError(f"flip_fractions must be fractions in [0, 1], got {list(flip_fractions)}")
+    if num_patterns < 1 or num_probes < 1:
+        raise ValueError(f"num_patterns and num_probes must be ≥ 1, got {num_patterns} and {num_probes}")
+    gen = torch.Generator().manual_seed(seed)
+    dev = resolve_device(device)
+    patterns = random_patterns(num_patterns, d, gen).to(dev)
+    W = store(patterns, rule, torch.zeros(d, d, device=dev))
+    out: dict[str, list[float]] = {"flip_fraction": [], "exact": [], "bit_error": [], "mirror": []}
+    for f in fractions:
+        targets = patterns[torch.randperm(num_patterns, generator=gen)[:num_probes].to(dev)]
+        k = round(f * d)
+        states, _ = recall(W, flip_bits(targets, k, generator=gen), mode=mode, max_sweeps=max_sweeps, generator=gen)
+        out["flip_fraction"].append(k / d)
+        out["exact"].append((states == targets).all(1).float().mean().item())
+        out["bit_error"].append((states != targets).float().mean().item())
+        out["mirror"].append((states == -targets).all(1).float().mean().item())
+    return out
