@@ -7,13 +7,14 @@ import pytest
 import torch
 
 from supsup_lite.scenarios import experiments
-from supsup_lite.core.inference import entropy, one_shot, superfluous_logsumexp
+from supsup_lite.core.inference import alpha_gradient, entropy, one_shot, superfluous_logsumexp
 from supsup_lite.core.masks import MaskBank, apply_masks
 from supsup_lite.core.training import predict
 from supsup_lite.scenarios.allocation import EPSILON, nns_accuracy
 from supsup_lite.scenarios.experiments import (PRESETS, GNuConfig, GNuRun, NNsConfig, NNsRun, Preset,
                                                bootstrap_interval, gnu_interval, gnu_permuted_mnist,
-                                               nns_permuted_mnist, paper_eval_ckpts, sampled_tasks, wilson_interval)
+                                               nns_permuted_mnist, objective_disagreements, paper_eval_ckpts,
+                                               sampled_tasks, wilson_interval)
 from supsup_lite.scenarios.protocols import gg_accuracy, gnu_accuracy, shuffled_test_set
 
 TINY = dict(tasks=4, model="lenet_300_100", outputs=25, batches=5, save_every=2, checkpoints=(2, 4))
@@ -74,6 +75,42 @@ def test_a_checkpoint_is_the_gnu_protocol_on_the_masks_learned_so_far(uninterrup
     gg = gg_accuracy(run.model, run.bank, run.stream)
     assert results["gg_per_task"] == pytest.approx(gg, abs=1e-6)
     assert run.result(4, "H")["gg_accuracy"] == pytest.approx(sum(gg) / 4, abs=1e-6)
+
+
+
+def test_objective_disagreements_are_the_first_images_one_objective_alone_gets_right(uninterrupted):
+    """Against a plain reference: One-Shot (one backward per image) on the first image of every shuffled test batch."""
+    out, results = uninterrupted
+    run = GNuRun(GNuConfig(**TINY), out, progress=False)
+    rows = objective_disagreements(run.model, run.bank, run.stream, tasks=[0, 1, 2, 3], num_tasks=4)
+    expected, fns = [], {"H": entropy, "G": superfluous_logsumexp}
+    for task in range(4):
+        firsts = shuffled_test_set(run.stream, task, 0)[0][::128]
+        for batch, image in enumerate(firsts):
+            picks = {o: one_shot(run.model, run.bank, image[None], objective=fn) for o, fn in fns.items()}
+            if (picks["H"] == task) != (picks["G"] == task):
+                expected.append({"task": task, "batch": batch, **picks})
+    assert rows == expected and rows  # the 5-batch masks disagree on some images
+    record = run.result(4, "H")  # the picks are the checkpoint's: H's misses per task match its record
+    for task in range(4):
+        picks = experiments.first_image_picks(run.model, run.bank, run.stream, tasks=[task], objective="H",
+                                              num_tasks=4)
+        assert (picks == task).double().mean().item() == pytest.approx(record["per_task_inference_accuracy"][task],
+                                                                       abs=1e-5)
+    row = rows[0]
+    image = shuffled_test_set(run.stream, row["task"], 0)[0][128 * row["batch"]][None]
+    for objective, fn in fns.items():
+        grad = experiments.first_image_gradient(run.model, run.bank, run.stream, task=row["task"],
+                                                batch=row["batch"], objective=objective)
+        assert torch.allclose(grad, alpha_gradient(run.model, run.bank, image, objective=fn)[1], atol=1e-6,
+                              rtol=1e-4)
+        assert int(grad.argmin()) == row[objective]
+    with pytest.raises(ValueError, match="two different objectives"):
+        objective_disagreements(run.model, run.bank, run.stream, tasks=[0], objectives=("H", "H"))
+    with pytest.raises(ValueError, match=r"tasks\[i\] must be ≤ 1, got 2"):
+        objective_disagreements(run.model, run.bank, run.stream, tasks=[2], num_tasks=2)
+    with pytest.raises(ValueError, match="batch must be ≤ 78, got 79"):
+        experiments.first_image_gradient(run.model, run.bank, run.stream, task=0, batch=79, objective="H")
 
 
 def test_resume_after_an_interruption_gives_the_same_bank_bit_for_bit(uninterrupted, tmp_path, monkeypatch):

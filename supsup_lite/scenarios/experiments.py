@@ -71,7 +71,7 @@ from tqdm.auto import tqdm
 from .. import validation
 from ..config import derive_seed, project_root
 from ..config import device as default_device
-from ..core.inference import Objective, entropy, superfluous_logsumexp
+from ..core.inference import Objective, alpha_gradient_each, entropy, superfluous_logsumexp
 from ..core.files import DamagedFileError, load_json, load_tensors, save_json, save_tensors
 from ..core.masks import MaskBank
 from ..core.models import ARCHITECTURES, frozen_random_model
@@ -262,6 +262,24 @@ def first_test_images(stream: PermutedMNIST, task: int, batch_size: int, seed: i
     return stream.transform(task, images[order[::batch_size]].to(stream.device))
 
 
+def first_image_picks(model: nn.Module, bank: MaskBank, stream: PermutedMNIST, *, tasks: Sequence[int],
+                      objective: str, num_tasks: int, batch_size: int = 128, seed: int = 0,
+                      batches: int | None = None, progress: bool = False) -> torch.Tensor:
+    """One-Shot's task (Eq. 4, argmin_t ∂objective/∂α_t at α = 1/T over the first T = ``num_tasks`` masks) for the first
+    image of each of the first ``batches`` test batches (all by default) of every task in ``tasks``: (len(tasks),
+    batches) int64 on the CPU. The batches are those of :func:`first_test_images`; the first images of
+    ``TASKS_PER_PASS`` tasks go through one batched pass. ``objective``: a key of :data:`OBJECTIVES`."""
+    if objective not in OBJECTIVES:
+        raise ValueError(f"objective must be one of {sorted(OBJECTIVES)}, got {objective!r}")
+    tasks, inferred = list(tasks), []
+    for start in tqdm(range(0, len(tasks), TASKS_PER_PASS), disable=not progress, leave=False,
+                      desc=f"One-Shot {objective} over {num_tasks} masks"):
+        firsts = torch.cat([first_test_images(stream, t, batch_size, seed)[:batches]
+                            for t in tasks[start:start + TASKS_PER_PASS]])
+        inferred.append(infer_tasks(model, bank, firsts, objective=OBJECTIVES[objective], num_tasks=num_tasks).cpu())
+    return torch.cat(inferred).view(len(tasks), -1)
+
+
 # --- sampled evaluation ------------------------------------------------------------------------------------
 def sampled_tasks(total: int, learned: int, sample: int | None, *, seed: int) -> list[int]:
     """The tasks a checkpoint after ``learned`` tasks evaluates: all of 0..learned−1 (``sample`` None or ≥ learned),
@@ -373,6 +391,15 @@ def git_commit() -> str | None:
         return None
 
 
+def model_and_stream(config: RunSettings, *, device: torch.device | str | None = None) -> tuple[nn.Module, PermutedMNIST]:
+    """The frozen random network (``config.model``, s = ``config.outputs``, seed ``config.seed``) and the PermutedMNIST
+    stream (``config.tasks`` tasks, data seed ``config.data_seed``) of a run with ``config``, on ``device`` (default
+    ``config.device()``): what every run of the CLI trains and evaluates on, so a saved ``bank.pt`` fits them."""
+    device = default_device() if device is None else torch.device(device)
+    return (frozen_random_model(config.model, config.outputs, config.seed, device),
+            PermutedMNIST(config.tasks, seed=config.data_seed, device=device))
+
+
 class _Session:
     """Shared plumbing of a resumable run: wall and CPU clocks summed over sessions, atomic JSON, hardware log."""
 
@@ -385,8 +412,7 @@ class _Session:
         self.config, self.progress = config, progress
         self._open_folder(out, overwrite)
         self.device = default_device()
-        self.model = frozen_random_model(config.model, config.outputs, config.seed, self.device)
-        self.stream = PermutedMNIST(config.tasks, seed=config.data_seed, device=self.device)
+        self.model, self.stream = model_and_stream(config, device=self.device)
 
     def _open_results(self, experiment: str, fixed: Sequence[str]) -> None:
         """Fresh results, or the saved ones of the run folder (checked against the ``fixed`` settings) and the
@@ -615,19 +641,13 @@ class GNuRun(_Session):
 
     def inferred_tasks(self, tasks: int, objective: str, evaluated: Sequence[int] | None = None,
                        batches: int | None = None) -> torch.Tensor:
-        """One-Shot's task for the first ``batches`` test batches (all by default; from each batch's first image)
-        of each ``evaluated`` task (default 0..T−1) over the first T = ``tasks`` masks: (len(evaluated), batches)
-        int64 on the CPU, the first images of ``TASKS_PER_PASS`` tasks per batched pass."""
-        c, inferred = self.config, []
-        evaluated = list(range(tasks)) if evaluated is None else list(evaluated)
-        batches = self.num_batches if batches is None else batches
-        for start in tqdm(range(0, len(evaluated), TASKS_PER_PASS), disable=not self.progress, leave=False,
-                          desc=f"One-Shot {objective} over {tasks} masks"):
-            firsts = torch.cat([first_test_images(self.stream, t, c.test_batch_size, c.eval_seed)[:batches]
-                                for t in evaluated[start:start + TASKS_PER_PASS]])
-            inferred.append(infer_tasks(self.model, self.bank, firsts, objective=OBJECTIVES[objective],
-                                        num_tasks=tasks).cpu())
-        return torch.cat(inferred).view(len(evaluated), batches)
+        """One-Shot's task for the first ``batches`` test batches (all by default) of each ``evaluated`` task (default
+        0..T−1) over the first T = ``tasks`` masks: :func:`first_image_picks` with the run's evaluation settings."""
+        c = self.config
+        return first_image_picks(self.model, self.bank, self.stream,
+                                 tasks=list(range(tasks)) if evaluated is None else evaluated, objective=objective,
+                                 num_tasks=tasks, batch_size=c.test_batch_size, seed=c.eval_seed,
+                                 batches=self.num_batches if batches is None else batches, progress=self.progress)
 
     def evaluate(self, tasks: int, objective: str) -> dict[str, Any]:
         """The GNu protocol at checkpoint ``tasks`` with ``objective`` (:func:`protocols.gnu_score`: a wrongly
@@ -668,6 +688,46 @@ class GNuRun(_Session):
         self._add_record(record)
         self.save()
         return record
+
+
+def objective_disagreements(model: nn.Module, bank: MaskBank, stream: PermutedMNIST, *, tasks: Sequence[int],
+                            num_tasks: int | None = None, batch_size: int = 128, seed: int = 0,
+                            objectives: tuple[str, str] = ("H", "G")) -> list[dict[str, int]]:
+    """The first test images (those One-Shot sees in the GNu evaluation) of ``tasks`` on which exactly one of the
+    two ``objectives`` infers the true task, searching the first ``num_tasks`` masks (default: all in the bank).
+
+    The picks are those of a run's evaluation at checkpoint ``num_tasks`` (:func:`first_image_picks`; a run's
+    ``test_batch_size`` and ``eval_seed`` are ``batch_size`` and ``seed``). Returns one row per such image,
+    ``{"task", "batch", a: a's pick, b: b's pick}`` for objectives (a, b), in task then batch order: a row whose
+    ``a`` pick equals its task is an image a gets right and b wrong.
+    """
+    num_tasks = len(bank) if num_tasks is None else validation.integer("num_tasks", num_tasks, minimum=1,
+                                                                       maximum=len(bank))
+    tasks = [validation.integer("tasks[i]", t, minimum=0, maximum=num_tasks - 1) for t in tasks]
+    if not tasks or len(set(objectives)) != 2 or not set(objectives) <= set(OBJECTIVES):
+        raise ValueError(f"need a non-empty tasks list and two different objectives of {sorted(OBJECTIVES)}; got "
+                         f"tasks={tasks}, objectives={objectives}")
+    a, b = objectives
+    picks = {o: first_image_picks(model, bank, stream, tasks=tasks, objective=o, num_tasks=num_tasks,
+                                  batch_size=batch_size, seed=seed) for o in objectives}
+    truth = torch.tensor(tasks)[:, None]
+    differ = (picks[a] == truth) != (picks[b] == truth)
+    return [{"task": tasks[i], "batch": j, a: int(picks[a][i, j]), b: int(picks[b][i, j])}
+            for i, j in differ.nonzero().tolist()]
+
+
+def first_image_gradient(model: nn.Module, bank: MaskBank, stream: PermutedMNIST, *, task: int, batch: int,
+                         objective: str, num_tasks: int | None = None, batch_size: int = 128,
+                         seed: int = 0) -> torch.Tensor:
+    """∂objective/∂α at α = 1/T over the first T = ``num_tasks`` masks (default all) for the first image of test batch
+    ``batch`` of task ``task`` (the image One-Shot sees there, :func:`first_test_images`): (T,) on the bank's
+    device; its argmin is that image's pick in :func:`first_image_picks`."""
+    if objective not in OBJECTIVES:
+        raise ValueError(f"objective must be one of {sorted(OBJECTIVES)}, got {objective!r}")
+    firsts = first_test_images(stream, validation.integer("task", task, minimum=0, maximum=stream.num_tasks - 1),
+                               batch_size, seed)
+    image = firsts[validation.integer("batch", batch, minimum=0, maximum=firsts.shape[0] - 1)][None]
+    return alpha_gradient_each(model, bank, image, objective=OBJECTIVES[objective], num_tasks=num_tasks)[0]
 
 
 def report_line(record: dict[str, Any]) -> str:
