@@ -95,8 +95,8 @@ def test_objective_disagreements_are_the_first_images_one_objective_alone_gets_r
     for task in range(4):
         picks = experiments.first_image_picks(run.model, run.bank, run.stream, tasks=[task], objective="H",
                                               num_tasks=4)
-        assert (picks == task).double().mean().item() == pytest.approx(record["per_task_inference_accuracy"][task],
-                                                                       abs=1e-5)
+        recorded = record["per_task_inference_accuracy"][task]
+        assert (picks == task).double().mean().item() == pytest.approx(recorded, abs=1e-5)
     row = rows[0]
     image = shuffled_test_set(run.stream, row["task"], 0)[0][128 * row["batch"]][None]
     for objective, fn in fns.items():

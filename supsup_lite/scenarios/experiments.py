@@ -391,7 +391,8 @@ def git_commit() -> str | None:
         return None
 
 
-def model_and_stream(config: RunSettings, *, device: torch.device | str | None = None) -> tuple[nn.Module, PermutedMNIST]:
+def model_and_stream(config: RunSettings, *,
+                     device: torch.device | str | None = None) -> tuple[nn.Module, PermutedMNIST]:
     """The frozen random network (``config.model``, s = ``config.outputs``, seed ``config.seed``) and the PermutedMNIST
     stream (``config.tasks`` tasks, data seed ``config.data_seed``) of a run with ``config``, on ``device`` (default
     ``config.device()``): what every run of the CLI trains and evaluates on, so a saved ``bank.pt`` fits them."""
