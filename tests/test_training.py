@@ -6,7 +6,6 @@ from torch import nn
 from supsup_lite.core.masks import apply_masks, final_masks, init_scores, supermask_weight, topk_supermask
 from supsup_lite.core.models import (build_model, frozen_random_model, maskable_parameters, masked_forward,
                                      signed_constant_)
-from supsup_lite.core.rmsprop import rmsprop_step_, rmsprop_step_torch
 from supsup_lite.core.training import (TrainResult, evaluate, fit, mlp_weights, predict, train_dense, train_supermask,
                                        train_supermasks)
 
@@ -154,26 +153,6 @@ def test_evaluate_checks_sizes():
     model = frozen_random_model("lenet_300_100", device="cpu")
     with pytest.raises(ValueError, match="as many labels"):
         evaluate(model, None, torch.zeros(3, 784), torch.zeros(2, dtype=torch.long))
-
-
-@pytest.mark.parametrize("numel", [1, 17, 266_200])
-@pytest.mark.parametrize("lr", [1e-4, 0.1])
-def test_fused_rmsprop_step_equals_the_torch_operations_bit_for_bit(numel, lr):
-    """core.rmsprop's numba passes (CPU float32) against the plain torch operations, every buffer bit for bit,
-    over three consecutive steps (scores crossing zero at lr = 0.1; zero and tiny square averages)."""
-    g = torch.Generator().manual_seed(numel)
-    w = torch.randn(numel, generator=g)
-    fused = {"s": torch.randn(numel, generator=g) * 0.01, "v": torch.rand(numel, generator=g) * 1e-6}
-    fused["v"][::3] = 0
-    plain = {k: t.clone() for k, t in fused.items()}
-    for _ in range(3):
-        grad = torch.randn(numel, generator=g) * 1e-3
-        for state, step in ((fused, rmsprop_step_), (plain, rmsprop_step_torch)):
-            state["g"], state["e"] = grad.clone(), torch.empty(numel)
-            step(state["s"], state["v"], state["g"], w, state["e"], torch.empty(numel), lr=lr)
-        for key in ("s", "v", "g", "e"):
-            assert torch.equal(fused[key].view(torch.int32), plain[key].view(torch.int32)), key
-    assert torch.equal(fused["e"], w * (fused["s"] >= 0))
 def test_predict_over_the_real_classes_takes_the_argmax_of_the_first_logits_only():
     model = frozen_random_model("lenet_300_100", 30, seed=4, device="cpu")
     x = torch.randn(50, 784, generator=torch.Generator().manual_seed(0))

@@ -50,9 +50,9 @@ from ..config import derive_seed
 from ..data.mnist import Batch, TaskStream
 from .masks import MaskBank, Masks, final_masks, init_scores, supermask_weight, topk_keep, topk_supermask
 from .models import batched_masked_forward, maskable_parameters, masked_forward, output_size
-from .rmsprop import RMSPROP_ALPHA, RMSPROP_EPS, rmsprop_step_
 
 Forward = Callable[[torch.Tensor], torch.Tensor]
+RMSPROP_ALPHA, RMSPROP_EPS = 0.99, 1e-8  # torch.optim.RMSprop's defaults, as the authors use it
 
 
 @dataclass
@@ -316,8 +316,7 @@ class _MLPMaskStep:
     backward dz_L = ∂ΣCE/∂logits (autograd on the logits only), ∂L/∂E_l = dz_lᵀ h_{l−1}, dz_{l−1} =
     relu'(h_{l−1}) ⊙ (dz_l E_l), no dz_0; g = ∂L/∂E ⊙ W (⊙ sign(s) for top-k); RMSprop: v ← αv + (1−α)g²,
     s ← s − lr·g / (√v + ε); then E ← W ⊙ M(s). The matmuls have the shapes and layouts autograd uses and the
-    update the operations of ``torch.optim.RMSprop`` (single-tensor path; for threshold masks the fused passes
-    of :func:`~supsup_lite.core.rmsprop.rmsprop_step_`, same roundings), so the scores match bit for bit.
+    update the operations of ``torch.optim.RMSprop`` (single-tensor path), so the scores match bit for bit.
     All per-task state (s, v, E, ∂L/∂E and a copy of W) lives in flat buffers (layer-major, (K, o, i) views).
     """
 
@@ -375,14 +374,13 @@ class _MLPMaskStep:
                 dh = torch.mm(dz[0], self.e[l][0]).unsqueeze(0) if single else torch.bmm(dz, self.e[l])
                 dz = torch.ops.aten.threshold_backward(dh, hidden[l], 0)
         g, v, d = self.g_flat, self.v_flat, self.d_flat
-        if self.keep_frac is None:  # g ⊙ W, RMSprop and E = W ⊙ 1[s ≥ 0] in three passes (core.rmsprop)
-            rmsprop_step_(self.s_flat, v, g, self.w_flat, self.e_flat, d, lr=self.lr)
-        else:
-            g.mul_(self.w_flat).mul_(torch.sgn(self.s_flat, out=d))
-            v.mul_(RMSPROP_ALPHA).addcmul_(g, g, value=1 - RMSPROP_ALPHA)
-            torch.sqrt(v, out=d).add_(RMSPROP_EPS)
-            self.s_flat.addcdiv_(g, d, value=-self.lr)
-            self._refresh_masked_weights()
+        g.mul_(self.w_flat)
+        if self.keep_frac is not None:
+            g.mul_(torch.sgn(self.s_flat, out=d))
+        v.mul_(RMSPROP_ALPHA).addcmul_(g, g, value=1 - RMSPROP_ALPHA)
+        torch.sqrt(v, out=d).add_(RMSPROP_EPS)
+        self.s_flat.addcdiv_(g, d, value=-self.lr)
+        self._refresh_masked_weights()
         return losses.detach(), _correct(logits.detach(), y, valid, classes=self.classes)
 
     def task_scores(self, k: int) -> Masks:
