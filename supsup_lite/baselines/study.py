@@ -17,6 +17,7 @@ from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from ..config import derive_seed
 from ..data.mnist import PermutedMNIST, TaskStream
@@ -113,20 +114,21 @@ class SeedRuns:
 
 def run_seeds(build: Callable[[TaskStream, int], Method], stream_of: Callable[[int], TaskStream],
               seeds: Sequence[int], *, task_ids: bool, test_size: int | None = None,
-              rows: Iterable[int] | None = None, keep: Callable[[Method], Any] | None = None) -> SeedRuns:
+              rows: Iterable[int] | None = None, keep: Callable[[Method], Any] | None = None,
+              progress: bool = True) -> SeedRuns:
     """``run_continual(build(stream_of(s), s), stream_of(s))`` for every seed s, on ``test_size`` test images
     per task spread over its test set (the same images for every method on that stream).
 
     ``build(stream, seed)`` makes the method; it should pass ``seed`` on (initialisation, batch order) and
     ``stream_of(seed)`` should change the tasks (:func:`permuted_tasks`). ``keep(method)`` (optional) is stored per
-    seed, e.g. the trained factors for a later analysis.
+    seed, e.g. the trained factors for a later analysis. ``progress``: a bar over the seeds.
     """
     seeds = [int(s) for s in seeds]
     if not seeds:
         raise ValueError("seeds must name at least one seed, got none")
     results, kept, name = [], [], None
     rows = None if rows is None else list(rows)
-    for seed in seeds:
+    for seed in tqdm(seeds, desc="seeds", disable=not progress, leave=False):
         stream = stream_of(seed)
         method = build(stream, seed)
         name = method.name

@@ -21,6 +21,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+from tqdm.auto import tqdm
 
 from .. import validation
 from ..config import device as default_device
@@ -77,7 +78,7 @@ def gradient_split(model: nn.Module, masks: Masks, x: torch.Tensor, y: torch.Ten
 
 def gg_by_output_size(*, sizes: Sequence[int], budgets: Sequence[int], tasks: int, classes: int | None = None,
                       arch: str = "lenet_300_100", seed: int = 0, data_seed: int = 1,
-                      progress: bool = False) -> list[dict[str, Any]]:
+                      progress: bool = True) -> list[dict[str, Any]]:
     """GG accuracy of PermutedMNIST tasks 0..tasks−1 for every output size s in ``sizes`` and every training budget
     (batches of 128 per mask) in ``budgets``: one bank per (s, budget), trained by ``train_bank`` with run seed
     ``seed`` on the network ``frozen_random_model(arch, s, seed)`` and ``PermutedMNIST(seed=data_seed)`` — the
@@ -85,7 +86,8 @@ def gg_by_output_size(*, sizes: Sequence[int], budgets: Sequence[int], tasks: in
 
     ``classes``: train and predict over the first ``classes`` logits only (None: all s, the paper). Returns one
     row per (s, budget, task): ``{"s", "batches", "task", "correct", "images"}`` (test images classified right by
-    the task's own mask, and the test-set size), so intervals can be formed over images or tasks.
+    the task's own mask, and the test-set size), so intervals can be formed over images or tasks. ``progress``: a
+    bar over the (s, budget) banks.
     """
     validation.integer("tasks", tasks, minimum=1)
     if not sizes or not budgets:
@@ -93,13 +95,13 @@ def gg_by_output_size(*, sizes: Sequence[int], budgets: Sequence[int], tasks: in
                          "sizes=(10, 500), budgets=(100, 1000)")
     stream = PermutedMNIST(tasks, seed=data_seed, device=default_device())
     rows = []
-    for s in sizes:
-        for batches in budgets:
-            model = frozen_random_model(arch, s, seed, stream.device)
-            bank = train_bank(model, stream, num_tasks=tasks, k=tasks, num_batches=batches, classes=classes,
-                              seed=seed, progress=progress)
-            images = stream.test_set(0)[1].shape[0]
-            for task, accuracy in enumerate(gg_accuracy(model, bank, stream, classes=classes)):
-                rows.append({"s": s, "batches": batches, "task": task, "correct": round(accuracy * images),
-                             "images": images})
+    for s, batches in tqdm([(s, b) for s in sizes for b in budgets], desc="banks (s, batches)",
+                           disable=not progress, leave=False):
+        model = frozen_random_model(arch, s, seed, stream.device)
+        bank = train_bank(model, stream, num_tasks=tasks, k=tasks, num_batches=batches, classes=classes,
+                          seed=seed, progress=False)
+        images = stream.test_set(0)[1].shape[0]
+        for task, accuracy in enumerate(gg_accuracy(model, bank, stream, classes=classes)):
+            rows.append({"s": s, "batches": batches, "task": task, "correct": round(accuracy * images),
+                         "images": images})
     return rows
