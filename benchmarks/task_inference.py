@@ -11,11 +11,13 @@ reference: the authors' One-Shot (RAIVNLab/supsup, ``mnist/utils`` ``cache_masks
 floor:     one pass reading every packed byte of the bank (an int64 sum over the bytes): the memory floor any
            task inference over T masks must pay; for the per-image gradients also dense GEMMs with the same
            multiply-adds (N · T · P), their compute floor.
-bound:     what limits the α-gradient (one table lookup per stored byte, ``masks_dot``) on this machine, on CPU:
-           the lookups over the largest bank and the read floor at 1 thread and at all threads, and the same
-           lookups on a bank small enough to stay in cache (repeated to the same number of bytes). If the in-cache
-           lookups gain as little from the second thread as the full bank does, the kernel is bound by the
-           instructions per byte the cores can retire, not by memory; ``dot_bytes_per_ns_per_thread`` is that rate.
+bound:     what limits the α-gradient (``masks_dot``: one masked add of 16 float32 entries per 16-bit mask word) on
+           this machine, on CPU: the dot products over the largest bank and the read floor at 1 thread and at all
+           threads; the same kernel in one call over a 16-mask bank that stays in L2, its rows read again and again
+           to the same number of bytes; and the core clock (a chain of dependent one-cycle integer operations).
+           If the kernel reads as many bytes per ns in cache as from memory, memory is not what bounds it;
+           ``masked_adds_per_cycle_per_thread`` is its rate in the kernel's own unit (AVX-512 writes at most one
+           mask register per cycle and core, so about 1 is that instruction bound).
 
 All paths are timed by ``harness.measure`` (warm-up, ≥ 5 repeats, median with min–max). ``peak_extra_*`` is the
 growth of peak memory during one extra call (Linux /proc VmHWM; CUDA: torch's peak allocation): the extra memory
@@ -30,11 +32,12 @@ import sys
 from pathlib import Path
 from typing import Callable
 
+import numba
 import torch
 
 from harness import Timing, apply_threads, common_arguments, measure, report
 from supsup_lite.config import device as pick_device
-from supsup_lite.core.bits import unpack_bits
+from supsup_lite.core.bits import pack_bits, unpack_bits
 from supsup_lite.core.inference import alpha_gradient_each, binary_search, entropy, one_shot
 from supsup_lite.core.masks import MaskBank
 from supsup_lite.core.models import frozen_random_model, maskable_parameters, masked_forward
@@ -131,42 +134,64 @@ def peak_extra_bytes(call: Callable[[], object], dev: torch.device) -> int | Non
     return None if peak is None or base is None else max(0, (peak - base) * 1024)
 
 
-def dot_every_mask(bank: MaskBank, vectors: dict[str, torch.Tensor], passes: int = 1) -> None:
-    """``passes`` times, ⟨M_t, v⟩ for every task and layer: the α-gradient's one table lookup per stored byte."""
-    for _ in range(passes):
-        for name, numel in bank.numels.items():
-            masks_dot(bank.packed(name), numel, vectors[name])
+def dot_every_mask(bank: MaskBank, vectors: dict[str, torch.Tensor]) -> None:
+    """⟨M_t, v⟩ for every task and layer: the α-gradient's dot products, one read of every stored byte."""
+    for name, numel in bank.numels.items():
+        masks_dot(bank.packed(name), numel, vectors[name])
 
 
-def lookup_bound(model: torch.nn.Module, tasks: int,
-                 repeats: int) -> tuple[dict[str, Timing], dict[str, float], dict[str, float]]:
-    """The α-gradient's lookups and the read floor at 1 thread and at all threads, over a bank of ``tasks`` masks
-    and over a 64-mask bank (2.5 MB: in L2/L3) repeated to as many bytes (CPU only)."""
+@numba.njit(cache=True)
+def _dependent_rounds(steps: int, seed: int) -> int:  # pragma: no cover (numba)
+    """``steps`` rounds of a chain the CPU cannot overlap or LLVM fold: a shift, then an add that needs it."""
+    x = seed
+    for _ in range(steps):
+        x = x + (x >> 7)
+    return x
+
+
+def core_clock_ghz(repeats: int) -> float:
+    """The core clock in GHz, measured: two dependent one-cycle operations per round of :func:`_dependent_rounds`."""
+    steps = 200_000_000
+    timing = measure(lambda: _dependent_rounds(steps, 12345), repeats=repeats)
+    return 2 * steps / timing.median / 1e9
+
+
+def dot_bound(model: torch.nn.Module, tasks: int,
+              repeats: int) -> tuple[dict[str, Timing], dict[str, float], dict[str, float]]:
+    """The α-gradient's dot products and the read floor at 1 thread and at all threads over a bank of ``tasks``
+    masks, the same kernel over a 16-mask bank kept in L2 (read again and again in one call, as many bytes),
+    and the core clock (CPU only)."""
     g = torch.Generator().manual_seed(3)
     vectors = {name: torch.randn(p.numel(), generator=g) for name, p in maskable_parameters(model).items()}
-    big, small = random_bank(model, tasks), random_bank(model, 64, seed=1)
-    passes = max(1, tasks // 64)
+    big = random_bank(model, tasks)
+    numel = 64 * 1024  # 16 masks × 8 KB = 128 KB, vector 256 KB: both stay in L2
+    small = pack_bits(torch.rand(16, numel, generator=g) < 0.5)
+    again = torch.arange(16).repeat(big.nbytes // small.numel())
+    vector = torch.randn(numel, generator=g)
     threads = torch.get_num_threads()
     timings: dict[str, Timing] = {}
     for count in sorted({1, threads}):
         torch.set_num_threads(count)
         suffix = f"{count}thread"
         timings[f"ours_dot_T{tasks}_{suffix}"] = measure(lambda: dot_every_mask(big, vectors), repeats=repeats)
-        timings[f"ours_dot_in_cache_{suffix}"] = measure(lambda: dot_every_mask(small, vectors, passes),
+        timings[f"ours_dot_in_cache_{suffix}"] = measure(lambda: masks_dot(small, numel, vector, again),
                                                          repeats=repeats)
         timings[f"floor_read_T{tasks}_{suffix}"] = measure(lambda: read_every_byte(big), repeats=repeats)
     torch.set_num_threads(threads)
     one, every = "1thread", f"{threads}thread"
-    ratios = {f"thread_gain_dot_T{tasks}": timings[f"ours_dot_T{tasks}_{one}"].median
-              / timings[f"ours_dot_T{tasks}_{every}"].median,
-              "thread_gain_dot_in_cache": timings[f"ours_dot_in_cache_{one}"].median
-              / timings[f"ours_dot_in_cache_{every}"].median,
-              f"thread_gain_read_T{tasks}": timings[f"floor_read_T{tasks}_{one}"].median
-              / timings[f"floor_read_T{tasks}_{every}"].median,
-              f"ours_dot_T{tasks}_{every}_over_floor": timings[f"ours_dot_T{tasks}_{every}"].median
-              / timings[f"floor_read_T{tasks}_{every}"].median}
-    rate = {"dot_bytes_per_ns_per_thread": round(big.nbytes / timings[f"ours_dot_T{tasks}_{one}"].median / 1e9, 3)}
-    return timings, ratios, rate
+    median = {key: timing.median for key, timing in timings.items()}
+    ratios = {f"thread_gain_dot_T{tasks}": median[f"ours_dot_T{tasks}_{one}"] / median[f"ours_dot_T{tasks}_{every}"],
+              f"thread_gain_read_T{tasks}": median[f"floor_read_T{tasks}_{one}"]
+              / median[f"floor_read_T{tasks}_{every}"],
+              f"ours_dot_T{tasks}_over_in_cache_{one}": median[f"ours_dot_T{tasks}_{one}"]
+              / median[f"ours_dot_in_cache_{one}"],
+              f"ours_dot_T{tasks}_{every}_over_floor": median[f"ours_dot_T{tasks}_{every}"]
+              / median[f"floor_read_T{tasks}_{every}"]}
+    bytes_per_ns = big.nbytes / median[f"ours_dot_T{tasks}_{one}"] / 1e9
+    ghz = core_clock_ghz(repeats)
+    rates = {"dot_bytes_per_ns_per_thread": round(bytes_per_ns, 3), "core_clock_ghz": round(ghz, 3),
+             "masked_adds_per_cycle_per_thread": round(bytes_per_ns / 2 / ghz, 3)}  # 2 bytes per masked add
+    return timings, ratios, rates
 
 
 def run(args: argparse.Namespace, dev: torch.device) -> tuple[dict[str, Timing], dict[str, float], dict]:
@@ -214,7 +239,7 @@ def run(args: argparse.Namespace, dev: torch.device) -> tuple[dict[str, Timing],
                             device=dev)
     ratios[f"{key}_over_gemm"] = timings[key].median / timings[gemm].median
     if dev.type == "cpu":
-        bound_timings, bound_ratios, rate = lookup_bound(model, last, args.repeats)
+        bound_timings, bound_ratios, rate = dot_bound(model, last, args.repeats)
         timings.update(bound_timings)
         ratios.update(bound_ratios)
         extra.update(rate)

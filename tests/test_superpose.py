@@ -1,9 +1,15 @@
 """The packed-bank superposition kernels against the plain float-stack reference (values and gradients): the CPU
 numba kernels, the CUDA torch kernels (run here on CPU tensors), and the dense unpacking path."""
+import os
+import platform
+import subprocess
+import sys
+
 import pytest
 import torch
 
 import supsup_lite.core.superpose as sp
+from supsup_lite.core import cpu_kernels
 from supsup_lite.core.bits import pack_bits, unpack_bits
 from supsup_lite.core.masks import MaskBank
 from supsup_lite.core.models import frozen_random_model, maskable_parameters
@@ -84,12 +90,14 @@ def test_counts_and_dot_products_are_exact(numel, kernels, small_blocks):
 
 @pytest.mark.parametrize("kernels", sorted(KERNELS))
 def test_kernels_on_a_bank_larger_than_every_block(kernels):
-    """300 tasks > DENSE_MAX_TASKS, > 255 rows per flush and > 64 rows per tile; 5,001 bytes per mask > one count
-    block (4,096 bytes) and > one table block (512 bytes), with a tail byte: the numba kernels' real blocks."""
+    """300 tasks > DENSE_MAX_TASKS and > 255 rows per flush, and not a whole number of the dot kernel's row groups
+    (the last rows go one at a time); 5,001 bytes per mask > one count block (4,096 bytes) and > one call of the
+    masked sums (512 words of 2 bytes), with a tail byte after the last whole pair of words: the numba kernels'
+    real blocks."""
     counts, dot = KERNELS[kernels]
     tasks, numel = 300, 8 * 5000 + 3
-    assert tasks > max(*sp.DENSE_MAX_TASKS.values(), sp.ROWS_PER_FLUSH, sp.DOT_ROWS)
-    assert numel // 8 > max(8 * sp.COUNT_WORDS, sp.DOT_BLOCK)
+    assert tasks > max(*sp.DENSE_MAX_TASKS.values(), cpu_kernels.ROWS_PER_FLUSH) and tasks % cpu_kernels.DOT_ROWS
+    assert numel // 8 > max(8 * cpu_kernels.COUNT_WORDS, 2 * cpu_kernels.DOT_WORDS)
     packed = random_packed(tasks, numel, seed=5)
     masks = unpack_bits(packed, numel, torch.int32)
     rows = torch.randperm(tasks, generator=torch.Generator().manual_seed(0))[:280]
@@ -97,7 +105,7 @@ def test_kernels_on_a_bank_larger_than_every_block(kernels):
     assert torch.equal(counts(packed, numel, rows), masks[rows].sum(0))
     vector = torch.randn(numel, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
     torch.testing.assert_close(dot(packed, numel, vector, rows), masks[rows].double() @ vector)
-    single = vector.float()  # float32 tables, float64 sums over blocks: float32 tolerance
+    single = vector.float()  # float32 lane sums within a block, float64 over blocks: float32 tolerance
     torch.testing.assert_close(dot(packed, numel, single).double(), masks.double() @ single.double(),
                                rtol=1e-5, atol=1e-3)
 
@@ -193,3 +201,56 @@ def test_bad_inputs_raise_clear_errors(random_bank):
         superposed_mask(torch.zeros(3, 5, dtype=torch.uint8), 9, torch.ones(3))
     with pytest.raises(TypeError, match="uint8"):
         superposed_mask(torch.zeros(3, 2), 9, torch.ones(3))
+
+
+@pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="the AVX2 target is an x86 CPU")
+def test_numba_kernels_compiled_for_an_avx2_cpu(tmp_path):
+    """The masked adds are vector IR that LLVM lowers to mask registers on AVX-512 and to compare-and-blend
+    elsewhere: compiled for an AVX2 CPU (Haswell, no AVX-512; a fresh process and cache), both kernels still
+    equal the plain sums on a bank with row groups, a partial group and tail bytes, in float32 and float64."""
+    script = """
+import torch
+from supsup_lite.core.bits import pack_bits, unpack_bits
+from supsup_lite.core.superpose import mask_counts, masks_dot
+g = torch.Generator().manual_seed(0)
+numel = 8 * 2100 + 5
+packed = pack_bits(torch.rand(21, numel, generator=g) < 0.5)
+masks = unpack_bits(packed, numel, torch.float64)
+assert torch.equal(mask_counts(packed, numel), masks.sum(0).int())
+vector = torch.randn(numel, generator=g, dtype=torch.float64)
+torch.testing.assert_close(masks_dot(packed, numel, vector), masks @ vector)
+torch.testing.assert_close(masks_dot(packed, numel, vector.float()).double(), masks @ vector.float().double(),
+                           rtol=1e-5, atol=1e-4)
+print("ok")
+"""
+    env = {**os.environ, "NUMBA_CPU_NAME": "haswell", "NUMBA_CPU_FEATURES": "", "NUMBA_CACHE_DIR": str(tmp_path)}
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]
+
+
+def test_cpu_kernels_keep_the_torch_thread_count():
+    """numba's OpenMP layer runs on torch's libgomp and resets its thread count when it starts: a user's
+    torch.set_num_threads(1) must survive the first and later kernel calls, and the kernels then use 1 thread."""
+    script = """
+import torch
+from supsup_lite.core.superpose import masks_dot
+torch.set_num_threads(1)
+packed = torch.randint(0, 256, (20, 4000), dtype=torch.uint8)
+for _ in range(2):
+    masks_dot(packed, 32000, torch.randn(32000))
+import numba
+print(torch.get_num_threads(), numba.get_num_threads())
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0 and done.stdout.split() == ["1", "1"], (done.stdout, done.stderr[-2000:])
+
+
+def test_dot_products_ignore_padding_bits_and_reject_a_vector_of_the_wrong_length():
+    numel = 8 * 700 + 3
+    packed = random_packed(40, numel, seed=4)
+    reference = unpack_bits(packed, numel, torch.float64)
+    packed[:, -1] |= 0b11111000  # set the five padding bits after the last weight
+    vector = torch.randn(numel, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(masks_dot(packed, numel, vector), reference @ vector)
+    with pytest.raises(ValueError, match=r"a vector of shape \(5603,\); got 701 bytes and a vector of shape \(5602,\)"):
+        masks_dot(packed, numel, vector[:-1])

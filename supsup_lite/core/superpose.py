@@ -8,43 +8,31 @@ packed bytes, never holding T float masks (the authors' code stacks all T masks 
   bytes at a time in 64-bit lanes (one byte lane per mask byte, flushed every 255 rows so a lane never carries);
   S = Σ_v v · count_v. One-Shot (α = 1/T) and binary search (α uniform on the candidates) need one count, and
   the count of the first k tasks is cached per bank version (:func:`uniform_counts`).
-* backward: for every byte column j, a table G_j[v] = Σ_k bit_k(v) · g_{8j+k} of the 256 byte values, then
-  ∂L/∂α_t = Σ_j G_j[byte_{t,j}]: one table lookup per stored byte (a 1-bit × float GEMV in the spirit of
-  T-MAC), a block of columns at a time so the tables stay in cache, a tile of rows at a time so each word's
-  tables are reused by every row of the tile.
+* backward: ∂L/∂α_t = ⟨g, M_t⟩ with g = ∂L/∂S, a 1-bit × float GEMV over the packed rows. On CPU by masked
+  adds: 16 float32 entries of g added under the matching 16 mask bits, one AVX-512 instruction
+  (:mod:`supsup_lite.core.cpu_kernels`); on CUDA by byte tables G_j[v] = Σ_k bit_k(v) · g_{8j+k} for the 256
+  byte values v and one gather per stored byte (the table-lookup GEMV of T-MAC).
 
-On CPU both passes are numba kernels (compiled on first use, cached on disk, one thread per torch thread); on
-CUDA they are plain torch (:func:`mask_counts_torch`, :func:`masks_dot_torch`). Up to ``DENSE_MAX_TASKS`` masks
-(per device type) are simply unpacked to floats (cheaper for few tasks). Extra memory is a table or a count per
-block of columns, independent of T.
+On CPU both passes are numba kernels (:mod:`supsup_lite.core.cpu_kernels`: compiled on first use, cached on
+disk, one thread per torch thread); on CUDA they are plain torch (:func:`mask_counts_torch`,
+:func:`masks_dot_torch`). Up to ``DENSE_MAX_TASKS`` masks (per device type) are simply unpacked to floats
+(cheaper for few tasks). Extra memory is a count, a table or a few lane sums per row, never T float masks.
 """
 from __future__ import annotations
 
-import os
 import weakref
 from collections import OrderedDict
 from functools import lru_cache
 
-import numpy as np
 import torch
 from torch import nn
 
+from . import cpu_kernels
 from .bits import packed_size, unpack_bits
 from .masks import MaskBank
 from .models import maskable_parameters
 
-try:  # the CPU kernels; CUDA needs only torch
-    import numba
-except ImportError:  # pragma: no cover (numba is a dependency in pyproject.toml)
-    numba = None
-
-# CPU kernels (numba freezes these when it compiles: never change them at run time)
-ROWS_PER_FLUSH = 255   # rows summed in uint64 lanes before a flush: 255 · 1 per byte lane fits the byte
-COUNT_WORDS = 512      # 8-byte words per column block of the count (8 bits · 512 words · 8 bytes: 32 KB)
-DOT_BLOCK = 512        # packed bytes per column block of the gradient (tables: 512 KB of float32, in L2; rows
-                       # are copied 512 bytes at a time, long enough for the prefetcher)
-DOT_ROWS = 64          # rows per tile of the gradient (a 32 KB tile walked word by word across its rows)
-# CUDA (plain torch)
+# CUDA (plain torch; the CPU kernels' constants are in cpu_kernels)
 ROWS_PER_COUNT = 127   # rows summed in one int64 pass: 127 · 1 per byte lane never reaches the sign bit
 COLUMN_BLOCK = 4096    # packed bytes per block in the count (a multiple of 8)
 TABLE_BLOCK = 256      # packed bytes per block in the gradient (table: 256 × 256 values)
@@ -85,111 +73,6 @@ def unpack_float(packed: torch.Tensor, numel: int, dtype: torch.dtype = torch.fl
     return bits.view(*packed.shape[:-1], -1)[..., :numel]
 
 
-# --- CPU kernels (numba) ---------------------------------------------------------------------------------------
-def _counts_kernel(packed: np.ndarray, rows: np.ndarray, out: np.ndarray) -> None:  # pragma: no cover (numba)
-    """out[8j + k] += Σ_{t ∈ rows} bit k of packed[t, j]. packed (T, n) uint8, rows (r,) int64, out (8n,) int32.
-
-    Column blocks of ``COUNT_WORDS`` 8-byte words run in parallel; in each, lane m of acc[k, i] counts bit k of
-    byte 8i + m over up to ``ROWS_PER_FLUSH`` rows (vectorised over i), then is flushed into ``out``.
-    """
-    num_bytes = packed.shape[1]
-    words = num_bytes // 8
-    blocks = (words + COUNT_WORDS - 1) // COUNT_WORDS
-    for block in numba.prange(blocks + 1):
-        if block == blocks:  # the bytes after the last whole word, one bit at a time
-            for j in range(8 * words, num_bytes):
-                for r in range(rows.shape[0]):
-                    byte = packed[rows[r], j]
-                    for k in range(8):
-                        out[8 * j + k] += (byte >> k) & 1
-            continue
-        w0 = block * COUNT_WORDS
-        n = min(words, w0 + COUNT_WORDS) - w0
-        acc = np.zeros((8, n), np.uint64)
-        for start in range(0, rows.shape[0], ROWS_PER_FLUSH):
-            for r in range(start, min(rows.shape[0], start + ROWS_PER_FLUSH)):
-                lanes = packed[rows[r], 8 * w0:8 * (w0 + n)].view(np.uint64)
-                for k in range(8):
-                    for i in range(n):
-                        acc[k, i] += (lanes[i] >> np.uint64(k)) & np.uint64(_LANE_LOW_BITS)
-            for k in range(8):
-                for i in range(n):
-                    lane = acc[k, i]
-                    for m in range(8):
-                        out[8 * (8 * (w0 + i) + m) + k] += np.int32((lane >> np.uint64(8 * m)) & np.uint64(255))
-                    acc[k, i] = 0
-
-
-def _dot_kernel(packed: np.ndarray, rows: np.ndarray, vector: np.ndarray, tables: np.ndarray,
-                out: np.ndarray) -> None:  # pragma: no cover (numba)
-    """out[h, r] = Σ over the column blocks of thread h of Σ_j G_j[packed[rows[r], j]], G_j[v] = Σ_k bit_k(v) v_{8j+k}.
-
-    packed (T, n) uint8, rows (r,) int64, vector (8n,) zero-padded, tables (H, DOT_BLOCK·256) scratch of the
-    vector's dtype, out (H, r) float64 zeros: thread h takes the h-th run of column blocks; Σ_h out[h] = ⟨M_t, v⟩.
-    Per column block: build the tables, then copy ``DOT_ROWS`` rows at a time into a small tile and walk it word
-    by word (8 bytes, eight lookups), all rows of the tile at each word, so the 8 KB of tables a word needs stay
-    in L1 while the tile's rows use them.
-    """
-    num_bytes = packed.shape[1]
-    threads = out.shape[0]
-    blocks = (num_bytes + DOT_BLOCK - 1) // DOT_BLOCK
-    per_thread = (blocks + threads - 1) // threads
-    for h in numba.prange(threads):
-        table = tables[h]
-        part = out[h]
-        tile = np.zeros((DOT_ROWS, DOT_BLOCK), np.uint8)
-        acc = np.zeros(DOT_ROWS, table.dtype)
-        lanes = tile.reshape(-1).view(np.uint64).reshape(DOT_ROWS, DOT_BLOCK // 8)
-        for block in range(h * per_thread, min(blocks, (h + 1) * per_thread)):
-            c0 = block * DOT_BLOCK
-            width = min(num_bytes, c0 + DOT_BLOCK) - c0
-            for j in range(width):  # G_j[v + 2^k] = G_j[v] + v_{8j+k} for v < 2^k
-                base = 256 * j
-                table[base] = 0
-                for k in range(8):
-                    weight = vector[8 * (c0 + j) + k]
-                    for v in range(1 << k):
-                        table[base + (1 << k) + v] = table[base + v] + weight
-            whole = width // 8
-            for r0 in range(0, rows.shape[0], DOT_ROWS):
-                n = min(rows.shape[0], r0 + DOT_ROWS) - r0
-                for r in range(n):
-                    tile[r, :width] = packed[rows[r0 + r], c0:c0 + width]
-                    acc[r] = 0
-                for i in range(whole):
-                    base = 2048 * i
-                    for r in range(n):
-                        word = lanes[r, i]
-                        acc[r] += (((table[base + (word & 255)] + table[base + 256 + ((word >> 8) & 255)])
-                                    + (table[base + 512 + ((word >> 16) & 255)]
-                                       + table[base + 768 + ((word >> 24) & 255)]))
-                                   + ((table[base + 1024 + ((word >> 32) & 255)]
-                                       + table[base + 1280 + ((word >> 40) & 255)])
-                                      + (table[base + 1536 + ((word >> 48) & 255)] + table[base + 1792 + (word >> 56)])))
-                for r in range(n):
-                    for j in range(8 * whole, width):
-                        acc[r] += table[256 * j + tile[r, j]]
-                    part[r0 + r] += acc[r]
-
-
-@lru_cache(maxsize=None)
-def _cpu_kernels() -> tuple:
-    """The numba-compiled CPU kernels (compiled lazily on first use, cached on disk)."""
-    if numba is None:
-        raise ImportError("superposing a mask bank on CPU needs numba (a dependency of supsup-lite): pip install numba")
-    if "NUMBA_THREADING_LAYER" not in os.environ:  # numba's OpenMP workers keep spinning after a call and
-        numba.config.THREADING_LAYER = "workqueue"  # compete with torch's threads for the same few cores
-    jit = numba.njit(parallel=True, cache=True, boundscheck=False, nogil=True)
-    return jit(_counts_kernel), jit(_dot_kernel)
-
-
-def _cpu_threads() -> int:
-    """Run numba kernels on as many threads as torch uses (at most numba's pool)."""
-    threads = max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS))
-    numba.set_num_threads(threads)
-    return threads
-
-
 def dense_max_tasks(device: torch.device) -> int:
     """``DENSE_MAX_TASKS`` for ``device``'s type (other types than cpu: as CUDA)."""
     return DENSE_MAX_TASKS.get(device.type, DENSE_MAX_TASKS["cuda"])
@@ -215,9 +98,9 @@ def mask_counts(packed: torch.Tensor, numel: int, rows: torch.Tensor | None = No
     if packed.device.type != "cpu":
         return mask_counts_torch(packed, numel, rows)
     rows = _task_rows(packed.shape[0], rows)
-    counts_kernel, _ = _cpu_kernels()
+    counts_kernel, _ = cpu_kernels.compiled()
     out = torch.zeros(8 * packed.shape[1], dtype=torch.int32)
-    _cpu_threads()
+    cpu_kernels.use_threads()
     counts_kernel(packed.contiguous().numpy(), rows.cpu().numpy(), out.numpy())
     return out[:numel]
 
@@ -247,23 +130,26 @@ def masks_dot(packed: torch.Tensor, numel: int, vector: torch.Tensor, rows: torc
     """Inner product of stored masks with a vector: (⟨M_t, v⟩)_{t ∈ rows}. packed: (T, ⌈P/8⌉), vector: (P,),
     rows: (k,) int64 task indices (default: all) → (k,) of the vector's dtype.
 
-    Byte-table method: G_j[v] = Σ_k bit_k(v) · v_{8j+k} for all 256 byte values v, then Σ_j G_j[byte_{t,j}]
-    (CPU: numba kernel; CUDA: :func:`masks_dot_torch`). Up to ``DENSE_MAX_TASKS`` rows are unpacked instead.
+    CPU: masked adds of v's entries under the mask bits (numba kernel, float32 or float64 sums; other dtypes are
+    summed in float32); CUDA: byte tables (:func:`masks_dot_torch`). Up to ``DENSE_MAX_TASKS`` rows are
+    unpacked instead.
     """
     num_rows, num_bytes = packed.shape
+    if num_bytes != packed_size(numel) or vector.shape != (numel,):
+        raise ValueError(f"masks of {numel} weights need {packed_size(numel)} bytes per mask and a vector of shape "
+                         f"({numel},); got {num_bytes} bytes and a vector of shape {tuple(vector.shape)}")
     if (num_rows if rows is None else rows.numel()) <= dense_max_tasks(packed.device):
         selected = packed if rows is None else packed.index_select(0, rows.to(packed.device))
         return unpack_float(selected, numel, vector.dtype) @ vector
     if packed.device.type != "cpu":
         return masks_dot_torch(packed, numel, vector, rows)
     rows = _task_rows(num_rows, rows)
-    _, dot_kernel = _cpu_kernels()
-    threads = _cpu_threads()
-    padded = torch.nn.functional.pad(vector.detach(), (0, 8 * num_bytes - numel)).contiguous()
-    tables = torch.empty(threads, 256 * DOT_BLOCK, dtype=vector.dtype)
-    out = torch.zeros(threads, rows.numel(), dtype=torch.float64)
-    dot_kernel(packed.contiguous().numpy(), rows.numpy(), padded.numpy(), tables.numpy(), out.numpy())
-    return out.sum(0).to(vector.dtype)
+    _, dot_kernel = cpu_kernels.compiled()
+    cpu_kernels.use_threads()
+    dtype = vector.dtype if vector.dtype in (torch.float32, torch.float64) else torch.float32
+    out = torch.zeros(rows.numel(), dtype=torch.float64)
+    dot_kernel(packed.contiguous().numpy(), rows.numpy(), vector.detach().to(dtype).contiguous().numpy(), out.numpy())
+    return out.to(vector.dtype)
 
 
 def masks_dot_torch(packed: torch.Tensor, numel: int, vector: torch.Tensor,
