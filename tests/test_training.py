@@ -6,7 +6,8 @@ from torch import nn
 from supsup_lite.core.masks import apply_masks, final_masks, init_scores, supermask_weight, topk_supermask
 from supsup_lite.core.models import (build_model, frozen_random_model, maskable_parameters, masked_forward,
                                      signed_constant_)
-from supsup_lite.core.training import (TrainResult, evaluate, fit, mlp_weights, predict, train_dense, train_supermask,
+from supsup_lite.core.training import (TrainResult, evaluate, fit, mlp_weights, predict, task_losses,
+                                       task_losses_and_logit_gradient, train_dense, train_supermask,
                                        train_supermasks)
 
 
@@ -162,3 +163,23 @@ def test_predict_over_the_real_classes_takes_the_argmax_of_the_first_logits_only
     assert (logits.argmax(1) >= 10).any()  # the untrained superfluous outputs do win sometimes: the test can fail
     with pytest.raises(ValueError, match=r"classes=31 must lie in 1..30 \(the model's outputs\)"):
         predict(model, None, x, classes=31)
+
+
+@pytest.mark.parametrize("classes", [None, 4])
+@pytest.mark.parametrize("batch, padded", [(128, False), (37, False), (37, True)])
+def test_logit_gradient_without_a_graph_equals_autograd_bit_for_bit(batch, padded, classes):
+    """The MLP step's closed-form ∂ΣCE/∂logits against autograd through task_losses: K = 3 tasks, a batch size
+    that is a power of two or not, ragged tasks (valid rows), the loss over all outputs or the first 4."""
+    g = torch.Generator().manual_seed(batch)
+    logits = torch.randn(3, batch, 10, generator=g)
+    y = torch.randint(0, 4, (3, batch), generator=g)
+    valid = None
+    if padded:
+        valid = torch.ones(3, batch)
+        valid[1, 20:] = 0
+        valid[2] = 0  # a task without any example left
+    leaf = logits.clone().requires_grad_(True)
+    expected_losses = task_losses(leaf, y, valid, classes=classes)
+    (expected_grad,) = torch.autograd.grad(expected_losses.sum(), leaf)
+    losses, grad = task_losses_and_logit_gradient(logits, y, valid, classes=classes)
+    assert torch.equal(losses, expected_losses.detach()) and torch.equal(grad, expected_grad)

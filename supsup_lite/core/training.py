@@ -169,6 +169,32 @@ def task_losses(logits: torch.Tensor, y: torch.Tensor, valid: torch.Tensor | Non
     return (ce * valid).sum(1) / valid.sum(1).clamp(min=1.0)
 
 
+def task_losses_and_logit_gradient(logits: torch.Tensor, y: torch.Tensor, valid: torch.Tensor | None, *,
+                                   classes: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`task_losses` (K,) and ∂(Σ_k CE_k)/∂logits (K, B, s) without building a graph, bit for bit what
+    autograd returns for them (the same kernels on the same operands, in the same order).
+
+    ∂CE_k/∂z_b = w_b (softmax(z_b) − onehot(y_b)), w_b = 1/B (or valid_b / Σ_b valid_b), over the first
+    ``classes`` logits (the others get 0): the log-softmax backward of the per-example weights −w_b at the labels.
+    """
+    k, b = y.shape
+    used = logits if classes is None else logits[..., :classes]
+    log_probs = torch.log_softmax(used.reshape(k * b, -1), 1)
+    ce = -log_probs.gather(1, y.reshape(-1, 1)).view(k, b)
+    if valid is None:
+        losses = ce.mean(1)
+        weight = torch.ones(k, b, dtype=log_probs.dtype, device=log_probs.device) / b
+    else:
+        count = valid.sum(1).clamp(min=1.0)
+        losses = (ce * valid).sum(1) / count
+        weight = (1.0 / count).unsqueeze(1) * valid
+    upstream = torch.zeros_like(log_probs).scatter_(1, y.reshape(-1, 1), -weight.reshape(-1, 1))
+    grad = torch._log_softmax_backward_data(upstream, log_probs, 1, log_probs.dtype).view(k, b, -1)
+    if classes is None:
+        return losses, grad
+    return losses, torch.nn.functional.pad(grad, (0, logits.shape[-1] - classes))
+
+
 def _correct(logits: torch.Tensor, y: torch.Tensor, valid: torch.Tensor | None, *,
              classes: int | None = None) -> torch.Tensor:
     """Examples whose argmax over the first ``classes`` logits (None: all) is the label, per task: (K,)."""
@@ -313,7 +339,7 @@ class _MLPMaskStep:
     """Mask training on an MLP (``mlp_weights``): hand-written forward, backward and RMSprop, no allocations.
 
     Per layer l (W_l (o, i), E_l = W_l ⊙ M_l, h_0 = x, h_l = relu(h_{l−1} E_lᵀ), logits = h_{L−1} E_Lᵀ):
-    backward dz_L = ∂ΣCE/∂logits (autograd on the logits only), ∂L/∂E_l = dz_lᵀ h_{l−1}, dz_{l−1} =
+    backward dz_L = ∂ΣCE/∂logits (:func:`task_losses_and_logit_gradient`), ∂L/∂E_l = dz_lᵀ h_{l−1}, dz_{l−1} =
     relu'(h_{l−1}) ⊙ (dz_l E_l), no dz_0; g = ∂L/∂E ⊙ W (⊙ sign(s) for top-k); RMSprop: v ← αv + (1−α)g²,
     s ← s − lr·g / (√v + ε); then E ← W ⊙ M(s). The matmuls have the shapes and layouts autograd uses and the
     update the operations of ``torch.optim.RMSprop`` (single-tensor path), so the scores match bit for bit.
@@ -338,6 +364,9 @@ class _MLPMaskStep:
                 self.s[l].copy_(scores[name])
                 self.w[l].copy_(w.expand_as(self.w[l]))
         self.weights = weights
+        # one task: 2-d views of its E_l and ∂L/∂E_l, made once (mm instead of bmm, no per-step selects)
+        self.e_1 = [e[0] for e in self.e] if self.k == 1 else None
+        self.g_1 = [g[0] for g in self.g] if self.k == 1 else None
         self._refresh_masked_weights()
 
     def _refresh_masked_weights(self) -> None:
@@ -353,25 +382,25 @@ class _MLPMaskStep:
     @torch.no_grad()
     def __call__(self, x: torch.Tensor, y: torch.Tensor,
                  valid: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-        single = self.k == 1
-        h = x.reshape(self.k, x.shape[1], -1)
+        single = self.k == 1  # one task: the same products as 2-d mm on (B, ·) views
+        h = x.reshape(x.shape[1], -1) if single else x.reshape(self.k, x.shape[1], -1)
         hidden = [h]  # h_0 .. h_{L-1}
-        for l, e in enumerate(self.e):
-            z = torch.mm(h[0], e[0].t()).unsqueeze(0) if single else torch.bmm(h, e.transpose(1, 2))
-            h = z if l == len(self.e) - 1 else z.relu_()
-            if l < len(self.e) - 1:
+        last = len(self.e) - 1
+        for l in range(last + 1):
+            z = torch.mm(h, self.e_1[l].t()) if single else torch.bmm(h, self.e[l].transpose(1, 2))
+            h = z if l == last else z.relu_()
+            if l < last:
                 hidden.append(h)
-        with torch.enable_grad():
-            logits = h.requires_grad_(True)
-            losses = task_losses(logits, y, valid, classes=self.classes)
-            (dz,) = torch.autograd.grad(losses.sum(), logits)
-        for l in range(len(self.e) - 1, -1, -1):
+        logits = h.unsqueeze(0) if single else h
+        losses, dz = task_losses_and_logit_gradient(logits, y, valid, classes=self.classes)
+        dz = dz[0] if single else dz
+        for l in range(last, -1, -1):
             if single:
-                torch.mm(dz[0].t(), hidden[l][0], out=self.g[l][0])
+                torch.mm(dz.t(), hidden[l], out=self.g_1[l])
             else:
                 torch.bmm(dz.transpose(1, 2), hidden[l], out=self.g[l])
             if l > 0:
-                dh = torch.mm(dz[0], self.e[l][0]).unsqueeze(0) if single else torch.bmm(dz, self.e[l])
+                dh = torch.mm(dz, self.e_1[l]) if single else torch.bmm(dz, self.e[l])
                 dz = torch.ops.aten.threshold_backward(dh, hidden[l], 0)
         g, v, d = self.g_flat, self.v_flat, self.d_flat
         g.mul_(self.w_flat)
@@ -381,7 +410,7 @@ class _MLPMaskStep:
         torch.sqrt(v, out=d).add_(RMSPROP_EPS)
         self.s_flat.addcdiv_(g, d, value=-self.lr)
         self._refresh_masked_weights()
-        return losses.detach(), _correct(logits.detach(), y, valid, classes=self.classes)
+        return losses, _correct(logits, y, valid, classes=self.classes)
 
     def task_scores(self, k: int) -> Masks:
         return {name: s[k] for name, s in zip(self.names, self.s)}
@@ -415,8 +444,10 @@ def train_supermasks(model: nn.Module, batches_per_task: Sequence[Iterable[Batch
     given and not None (SupSup-Transfer, :func:`transfer_scores`; shaped like the weights). ``keep_frac``: None
     for M = 1[s ≥ 0], else the kept fraction of |s| (one float, or one per layer name). ``keep_scores=True``
     also returns each task's final real-valued scores (``result.scores``). Each task's masks equal a
-    :func:`train_supermask` run on its own batches and seed, bit for bit. ``chunk`` tasks step together (one
-    batched matmul); the chunks run one after another. Default: 1 on CPU (one task's state stays in cache),
+    :func:`train_supermask` run on its own batches and seed, bit for bit (with ``chunk`` > 1 on one CPU thread
+    only: on several, the batched matmul may split its sums differently from the single one, so the last bits
+    of a score, and rarely a mask bit, can differ). ``chunk`` tasks step together (one batched matmul); the
+    chunks run one after another. Default: 1 on CPU (one task's state stays in cache),
     all K on a GPU. Iterables of unequal length are padded: an ended task's scores stay put. ``classes=c``: the
     loss and the history's accuracy use only the first c logits (:func:`task_losses`), so the mask rows of the
     other outputs keep their initial 1[s₀ ≥ 0]; None (the paper): all s outputs.
