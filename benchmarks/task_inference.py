@@ -16,8 +16,10 @@ bound:     what limits the α-gradient (``masks_dot``: one masked add of 16 floa
            threads; the same kernel in one call over a 16-mask bank that stays in L2, its rows read again and again
            to the same number of bytes; and the core clock (a chain of dependent one-cycle integer operations).
            If the kernel reads as many bytes per ns in cache as from memory, memory is not what bounds it;
-           ``masked_adds_per_cycle_per_thread`` is its rate in the kernel's own unit (AVX-512 writes at most one
-           mask register per cycle and core, so about 1 is that instruction bound).
+           ``masked_adds_per_cycle_per_thread`` is its rate in the kernel's own unit, and ``adds_per_ns_*`` the
+           rates of a register-only probe: unmasked adds, masked adds with a new mask register each (the kernel's
+           pattern) and masked adds sharing one mask register per four — if sharing is much faster, writing the
+           mask register is the instruction that bounds the kernel.
 
 All paths are timed by ``harness.measure`` (warm-up, ≥ 5 repeats, median with min–max). ``peak_extra_*`` is the
 growth of peak memory during one extra call (Linux /proc VmHWM; CUDA: torch's peak allocation): the extra memory
@@ -156,6 +158,64 @@ def core_clock_ghz(repeats: int) -> float:
     return 2 * steps / timing.median / 1e9
 
 
+def _add_chain_probe(mask_every: int):
+    """A numba function f(rounds) → float: ``rounds`` × 12 masked adds of a 16-float register into 12 accumulators
+    (independent: no latency bound), a new 16-bit mask register for every ``mask_every`` adds (0: unmasked adds).
+    Masks come from the loop counter, so no memory is read: the rate is what the core issues."""
+    from llvmlite import ir
+    from numba.extending import intrinsic
+
+    accumulators = 12
+
+    @intrinsic
+    def chain(typingctx, rounds):
+        def codegen(context, builder, signature, args):
+            f32, i64 = ir.FloatType(), ir.IntType(64)
+            vec_t, mask_t = ir.VectorType(f32, 16), ir.VectorType(ir.IntType(1), 16)
+            step = ir.Constant(vec_t, [ir.Constant(f32, 1.0 + k / 16) for k in range(16)])
+            entry, loop, done = builder.block, builder.append_basic_block("loop"), builder.append_basic_block("done")
+            builder.branch(loop)
+            builder.position_at_end(loop)
+            i = builder.phi(i64)
+            acc = [builder.phi(vec_t) for _ in range(accumulators)]
+            new, mask = [], None
+            for a in range(accumulators):
+                if mask_every and a % mask_every == 0:
+                    word = builder.trunc(builder.add(i, ir.Constant(i64, a)), ir.IntType(16))
+                    mask = builder.bitcast(word, mask_t)
+                added = builder.fadd(acc[a], step)
+                new.append(builder.select(mask, added, acc[a]) if mask_every else added)
+            following = builder.add(i, ir.Constant(i64, 1))
+            i.add_incoming(ir.Constant(i64, 0), entry)
+            i.add_incoming(following, loop)
+            for a in range(accumulators):
+                acc[a].add_incoming(ir.Constant(vec_t, None), entry)
+                acc[a].add_incoming(new[a], loop)
+            builder.cbranch(builder.icmp_signed("<", following, args[0]), loop, done)
+            builder.position_at_end(done)
+            total = new[0]
+            for a in range(1, accumulators):
+                total = builder.fadd(total, new[a])
+            return builder.extract_element(total, ir.Constant(ir.IntType(32), 0))
+        return numba.types.float32(numba.types.int64), codegen
+
+    return numba.njit(lambda rounds: chain(rounds)), accumulators
+
+
+def mask_register_rates(repeats: int) -> dict[str, float]:
+    """Adds of 16 floats per ns on one thread: unmasked, masked with one new mask register per add (the dot
+    kernel's pattern), and masked with one mask register per 4 adds. If sharing the mask is much faster than
+    a mask per add, writing the mask register, not the add, is what limits the kernel."""
+    rates = {}
+    for name, every in (("unmasked", 0), ("new_mask_per_add", 1), ("mask_per_4_adds", 4)):
+        probe, per_round = _add_chain_probe(every)
+        rounds = 10_000_000
+        probe(10)
+        timing = measure(lambda: probe(rounds), repeats=repeats)
+        rates[f"adds_per_ns_{name}"] = round(per_round * rounds / timing.median / 1e9, 3)
+    return rates
+
+
 def dot_bound(model: torch.nn.Module, tasks: int,
               repeats: int) -> tuple[dict[str, Timing], dict[str, float], dict[str, float]]:
     """The α-gradient's dot products and the read floor at 1 thread and at all threads over a bank of ``tasks``
@@ -190,7 +250,8 @@ def dot_bound(model: torch.nn.Module, tasks: int,
     bytes_per_ns = big.nbytes / median[f"ours_dot_T{tasks}_{one}"] / 1e9
     ghz = core_clock_ghz(repeats)
     rates = {"dot_bytes_per_ns_per_thread": round(bytes_per_ns, 3), "core_clock_ghz": round(ghz, 3),
-             "masked_adds_per_cycle_per_thread": round(bytes_per_ns / 2 / ghz, 3)}  # 2 bytes per masked add
+             "masked_adds_per_cycle_per_thread": round(bytes_per_ns / 2 / ghz, 3),  # 2 bytes per masked add
+             **mask_register_rates(repeats)}
     return timings, ratios, rates
 
 

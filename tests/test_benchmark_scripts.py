@@ -115,6 +115,7 @@ def test_task_inference_reports_ours_reference_and_floor():
         for key in ("ours_dot_T60_1thread", "ours_dot_in_cache_1thread", "floor_read_T60_1thread"):
             assert result[key]["median"] > 0
         assert {"thread_gain_dot_T60", "thread_gain_read_T60", "ours_dot_T60_over_in_cache_1thread",
-                "dot_bytes_per_ns_per_thread", "core_clock_ghz", "masked_adds_per_cycle_per_thread"} <= set(result)
+                "dot_bytes_per_ns_per_thread", "core_clock_ghz", "masked_adds_per_cycle_per_thread",
+                "adds_per_ns_unmasked", "adds_per_ns_new_mask_per_add", "adds_per_ns_mask_per_4_adds"} <= set(result)
         assert result["core_clock_ghz"] > 0.1
     assert result["environment"]["device"] in ("cpu", "cuda")
