@@ -90,14 +90,14 @@ def test_counts_and_dot_products_are_exact(numel, kernels, small_blocks):
 
 @pytest.mark.parametrize("kernels", sorted(KERNELS))
 def test_kernels_on_a_bank_larger_than_every_block(kernels):
-    """300 tasks > DENSE_MAX_TASKS and > 255 rows per flush, and not a whole number of the dot kernel's row groups
-    (the last rows go one at a time); 5,001 bytes per mask > one count block (4,096 bytes) and > one call of the
-    masked sums (512 words of 2 bytes), with a tail byte after the last whole pair of words: the numba kernels'
-    real blocks."""
+    """300 tasks > DENSE_MAX_TASKS, and not a whole number of either kernel's row groups (the dot products' last
+    rows go one at a time, the counts' last group is short); 5,001 bytes per mask > one call of the masked sums
+    (512 words of 2 bytes), with tail bytes after the last whole 64-byte chunk and pair of words: the numba
+    kernels' real blocks (the torch kernels' at the small_blocks sizes of the other tests)."""
     counts, dot = KERNELS[kernels]
     tasks, numel = 300, 8 * 5000 + 3
-    assert tasks > max(*sp.DENSE_MAX_TASKS.values(), cpu_kernels.ROWS_PER_FLUSH) and tasks % cpu_kernels.DOT_ROWS
-    assert numel // 8 > max(8 * cpu_kernels.COUNT_WORDS, 2 * cpu_kernels.DOT_WORDS)
+    assert tasks > max(sp.DENSE_MAX_TASKS.values()) and tasks % cpu_kernels.DOT_ROWS and tasks % cpu_kernels.COUNT_ROWS
+    assert numel // 8 > 2 * cpu_kernels.DOT_WORDS and (numel // 8) % 64
     packed = random_packed(tasks, numel, seed=5)
     masks = unpack_bits(packed, numel, torch.int32)
     rows = torch.randperm(tasks, generator=torch.Generator().manual_seed(0))[:280]

@@ -3,8 +3,9 @@
 * :func:`compiled` returns ``(counts_kernel, dot_kernel)``; :func:`use_threads` sets numba's thread count to
   torch's. :mod:`supsup_lite.core.superpose` wraps both in its public functions (and has plain torch versions
   for CUDA); nothing else calls them.
-* counts (the forward, Σ_t M_t): eight mask bytes at a time in 64-bit lanes, one byte lane per mask byte,
-  flushed every ``ROWS_PER_FLUSH`` rows so a lane never carries.
+* counts (the forward, Σ_t M_t): ``COUNT_ROWS`` rows walked side by side, 64 bytes at a time: eight registers
+  of 64-bit lanes count bit k of every byte in byte lanes (``(x >> k) & 0x0101…01``), then are widened into
+  int32 counters — about three vector instructions per bit and row for 64 mask bytes.
 * dot products (the backward, ⟨M_t, v⟩ for every requested row t): a 1-bit × float GEMV by **masked adds**.
   One 512-bit register holds L consecutive entries of v (L = 16 float32 or 8 float64) and the matching L mask
   bits are one L-bit word of the row; ``acc += v`` under that mask (one ``vaddps zmm{k}`` on AVX-512: a mask-
@@ -30,8 +31,7 @@ except ImportError:  # pragma: no cover (numba is a dependency in pyproject.toml
     numba = None
 
 # numba freezes these when it compiles: never change them at run time
-ROWS_PER_FLUSH = 255   # counts: rows summed in uint64 lanes before a flush (255 · 1 per byte lane fits the byte)
-COUNT_WORDS = 512      # counts: 8-byte words per column block (8 bits · 512 words · 8 bytes: 32 KB)
+COUNT_ROWS = 32        # counts: rows walked side by side, counted in byte lanes (at most 255: a byte never carries)
 DOT_ROWS = 8           # dot products: rows walked side by side (8 rows × 2 accumulators + v: 17 of 32 zmm)
 DOT_UNROLL = 2         # dot products: accumulators per row (mask words per row per loop step)
 DOT_WORDS = 512        # dot products: mask words per call before the float32 lane sums go to float64
@@ -39,38 +39,100 @@ _LANE_LOW_BITS = 0x0101010101010101  # bit 0 of each byte of an int64
 VECTOR_BITS = 512      # register width the masked adds are written for (LLVM splits it where narrower)
 
 
-def _counts_kernel(packed: np.ndarray, rows: np.ndarray, out: np.ndarray) -> None:  # pragma: no cover (numba)
-    """out[8j + k] += Σ_{t ∈ rows} bit k of packed[t, j]. packed (T, n) uint8, rows (r,) int64, out (8n,) int32.
+def _bit_counts(typingctx, flat, offsets, first, rows, chunks, counts, counts_at, stride):
+    """Intrinsic: for the ``rows`` rows r (≤ 255) whose bytes start at flat[offsets[first + r]] and each whole
+    64-byte chunk c < ``chunks``: counts[counts_at + k·stride + 64c + m] += Σ_r bit k of byte 64c + m of row r.
 
-    Column blocks of ``COUNT_WORDS`` 8-byte words run in parallel; in each, lane m of acc[k, i] counts bit k of
-    byte 8i + m over up to ``ROWS_PER_FLUSH`` rows (vectorised over i), then is flushed into ``out``.
+    Per chunk, eight registers of eight 64-bit lanes count bit k of every byte of the chunk in byte lanes
+    (acc_k += (x >> k) & 0x0101…01 per row: a byte lane never carries up to 255 rows), then are widened to int32
+    and added to the counters.
+    """
+    sig = numba.types.void(flat, offsets, numba.types.int64, numba.types.int64, numba.types.int64, counts,
+                           numba.types.int64, numba.types.int64)
+
+    def codegen(context, builder, signature, args):
+        flat_a, offsets_a, counts_a = (context.make_array(signature.args[i])(context, builder, args[i])
+                                       for i in (0, 1, 5))
+        first, rows, chunks, counts_at, stride = args[2], args[3], args[4], args[6], args[7]
+        i64, i32 = ir.IntType(64), ir.IntType(32)
+        lanes_t, bytes_t, wide_t = ir.VectorType(i64, 8), ir.VectorType(ir.IntType(8), 64), ir.VectorType(i32, 64)
+        const = lambda value: ir.Constant(i64, value)  # noqa: E731
+        low_bits = ir.Constant(lanes_t, [ir.Constant(i64, _LANE_LOW_BITS)] * 8)
+        zero = ir.Constant(lanes_t, None)
+        entry = builder.block
+        chunk_loop, row_loop = builder.append_basic_block("counts.chunk"), builder.append_basic_block("counts.row")
+        flush, done = builder.append_basic_block("counts.flush"), builder.append_basic_block("counts.done")
+        builder.cbranch(builder.and_(builder.icmp_signed(">", chunks, const(0)),
+                                     builder.icmp_signed(">", rows, const(0))), chunk_loop, done)
+        builder.position_at_end(chunk_loop)
+        c = builder.phi(i64)
+        c.add_incoming(const(0), entry)
+        builder.branch(row_loop)
+        builder.position_at_end(row_loop)
+        r = builder.phi(i64)
+        acc = [builder.phi(lanes_t) for _ in range(8)]
+        start = builder.add(builder.load(builder.gep(offsets_a.data, [builder.add(first, r)])),
+                            builder.mul(c, const(64)))
+        x = builder.load(builder.bitcast(builder.gep(flat_a.data, [start]), lanes_t.as_pointer()), align=1)
+        new = [builder.add(acc[k], builder.and_(builder.lshr(x, ir.Constant(lanes_t, [ir.Constant(i64, k)] * 8)),
+                                                low_bits)) for k in range(8)]
+        next_r = builder.add(r, const(1))
+        r.add_incoming(const(0), chunk_loop)
+        r.add_incoming(next_r, row_loop)
+        for k in range(8):
+            acc[k].add_incoming(zero, chunk_loop)
+            acc[k].add_incoming(new[k], row_loop)
+        builder.cbranch(builder.icmp_signed("<", next_r, rows), row_loop, flush)
+        builder.position_at_end(flush)
+        for k in range(8):
+            at = builder.add(builder.add(counts_at, builder.mul(const(k), stride)), builder.mul(c, const(64)))
+            ptr = builder.bitcast(builder.gep(counts_a.data, [at]), wide_t.as_pointer())
+            widened = builder.zext(builder.bitcast(new[k], bytes_t), wide_t)
+            builder.store(builder.add(builder.load(ptr, align=4), widened), ptr, align=4)
+        next_c = builder.add(c, const(1))
+        c.add_incoming(next_c, flush)
+        builder.cbranch(builder.icmp_signed("<", next_c, chunks), chunk_loop, done)
+        builder.position_at_end(done)
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+def _counts_kernel(packed: np.ndarray, rows: np.ndarray, out: np.ndarray,
+                   threads: int) -> None:  # pragma: no cover (numba)
+    """out[8j + k] = Σ_{t ∈ rows} bit k of packed[t, j]. packed (T, n) uint8 C-contiguous, rows (r,) int64, out
+    (8n,) int32, threads: numba's thread count.
+
+    Each of the ``threads`` threads takes a run of groups of ``COUNT_ROWS`` rows and walks each group's rows side by side along their
+    length (:func:`_bit_counts`: sequential streams, one register per bit of a 64-byte chunk), into its own
+    counters (8, n); the tail bytes after the last whole chunk go bit by bit; then the threads' counters are
+    summed into ``out``.
     """
     num_bytes = packed.shape[1]
-    words = num_bytes // 8
-    blocks = (words + COUNT_WORDS - 1) // COUNT_WORDS
-    for block in numba.prange(blocks + 1):
-        if block == blocks:  # the bytes after the last whole word, one bit at a time
-            for j in range(8 * words, num_bytes):
-                for r in range(rows.shape[0]):
-                    byte = packed[rows[r], j]
+    flat = packed.reshape(-1)
+    offsets = rows * num_bytes
+    num_rows = rows.shape[0]
+    chunks = num_bytes // 64
+    groups = (num_rows + COUNT_ROWS - 1) // COUNT_ROWS
+    per_thread = (groups + threads - 1) // threads
+    counts = np.zeros(threads * 8 * num_bytes, np.int32)
+    for h in numba.prange(threads):
+        at = h * 8 * num_bytes
+        for group in range(h * per_thread, min(groups, (h + 1) * per_thread)):
+            first = group * COUNT_ROWS
+            size = min(num_rows, first + COUNT_ROWS) - first
+            _bit_counts_of_rows(flat, offsets, first, size, chunks, counts, at, num_bytes)
+            for r in range(first, first + size):
+                for j in range(64 * chunks, num_bytes):
+                    byte = flat[offsets[r] + j]
                     for k in range(8):
-                        out[8 * j + k] += (byte >> k) & 1
-            continue
-        w0 = block * COUNT_WORDS
-        n = min(words, w0 + COUNT_WORDS) - w0
-        acc = np.zeros((8, n), np.uint64)
-        for start in range(0, rows.shape[0], ROWS_PER_FLUSH):
-            for r in range(start, min(rows.shape[0], start + ROWS_PER_FLUSH)):
-                lanes = packed[rows[r], 8 * w0:8 * (w0 + n)].view(np.uint64)
-                for k in range(8):
-                    for i in range(n):
-                        acc[k, i] += (lanes[i] >> np.uint64(k)) & np.uint64(_LANE_LOW_BITS)
-            for k in range(8):
-                for i in range(n):
-                    lane = acc[k, i]
-                    for m in range(8):
-                        out[8 * (8 * (w0 + i) + m) + k] += np.int32((lane >> np.uint64(8 * m)) & np.uint64(255))
-                    acc[k, i] = 0
+                        counts[at + k * num_bytes + j] += (byte >> k) & 1
+    for j in numba.prange(num_bytes):
+        for k in range(8):
+            total = 0
+            for h in range(threads):
+                total += counts[h * 8 * num_bytes + k * num_bytes + j]
+            out[8 * j + k] = total
 
 
 def _masked_sums(num_rows: int):
@@ -150,6 +212,7 @@ def _masked_sums(num_rows: int):
 
 
 if numba is not None:
+    _bit_counts_of_rows = intrinsic(_bit_counts)
     _masked_sums_of_group = _masked_sums(DOT_ROWS)
     _masked_sums_of_row = _masked_sums(1)
 

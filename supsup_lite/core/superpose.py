@@ -5,7 +5,7 @@ mask S(α) = Σ_t α_t M_t and its gradient ∂L/∂α_t = ⟨∂L/∂S, M_t⟩ 
 packed bytes, never holding T float masks (the authors' code stacks all T masks in float32: 32 × the bytes):
 
 * forward: tasks that share one α value are *counted*: Σ_{t: α_t = v} M_t is a per-weight popcount, done eight
-  bytes at a time in 64-bit lanes (one byte lane per mask byte, flushed every 255 rows so a lane never carries);
+  bytes at a time in 64-bit lanes (one byte lane per mask byte, widened before a lane could carry);
   S = Σ_v v · count_v. One-Shot (α = 1/T) and binary search (α uniform on the candidates) need one count, and
   the count of the first k tasks is cached per bank version (:func:`uniform_counts`).
 * backward: ∂L/∂α_t = ⟨g, M_t⟩ with g = ∂L/∂S, a 1-bit × float GEMV over the packed rows. On CPU by masked
@@ -99,9 +99,9 @@ def mask_counts(packed: torch.Tensor, numel: int, rows: torch.Tensor | None = No
         return mask_counts_torch(packed, numel, rows)
     rows = _task_rows(packed.shape[0], rows)
     counts_kernel, _ = cpu_kernels.compiled()
-    out = torch.zeros(8 * packed.shape[1], dtype=torch.int32)
-    cpu_kernels.use_threads()
-    counts_kernel(packed.contiguous().numpy(), rows.cpu().numpy(), out.numpy())
+    out = torch.empty(8 * packed.shape[1], dtype=torch.int32)
+    threads = cpu_kernels.use_threads()
+    counts_kernel(packed.contiguous().numpy(), rows.cpu().numpy(), out.numpy(), threads)
     return out[:numel]
 
 
