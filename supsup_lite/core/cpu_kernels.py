@@ -4,8 +4,9 @@
   torch's. :mod:`supsup_lite.core.superpose` wraps both in its public functions (and has plain torch versions
   for CUDA); nothing else calls them.
 * counts (the forward, Σ_t M_t): ``COUNT_ROWS`` rows walked side by side, 64 bytes at a time: eight registers
-  of 64-bit lanes count bit k of every byte in byte lanes (``(x >> k) & 0x0101…01``), then are widened into
-  int32 counters — about three vector instructions per bit and row for 64 mask bytes.
+  of 64-bit lanes count bit k of every byte in byte lanes (``(x >> k) & 0x0101…01``: three vector
+  instructions per bit and row for 64 mask bytes), then one shuffle puts the 512 counts in weight order and
+  they are added, widened, to the int32 counts. Threads split the columns, so no thread's counts need merging.
 * dot products (the backward, ⟨M_t, v⟩ for every requested row t): a 1-bit × float GEMV by **masked adds**.
   One 512-bit register holds L consecutive entries of v (L = 16 float32 or 8 float64) and the matching L mask
   bits are one L-bit word of the row; ``acc += v`` under that mask (one ``vaddps zmm{k}`` on AVX-512: a mask-
@@ -32,30 +33,40 @@ except ImportError:  # pragma: no cover (numba is a dependency in pyproject.toml
 
 # numba freezes these when it compiles: never change them at run time
 COUNT_ROWS = 32        # counts: rows walked side by side, counted in byte lanes (at most 255: a byte never carries)
+COUNT_PREFETCH = 256   # counts: bytes ahead in each row asked for before they are counted (sequential streams)
 DOT_ROWS = 8           # dot products: rows walked side by side (8 rows × 2 accumulators + v: 17 of 32 zmm)
 DOT_UNROLL = 2         # dot products: accumulators per row (mask words per row per loop step)
+DOT_PREFETCH = 256     # dot products: bytes ahead in each row asked for before they are read
 DOT_WORDS = 512        # dot products: mask words per call before the float32 lane sums go to float64
 _LANE_LOW_BITS = 0x0101010101010101  # bit 0 of each byte of an int64
 VECTOR_BITS = 512      # register width the masked adds are written for (LLVM splits it where narrower)
 
 
-def _bit_counts(typingctx, flat, offsets, first, rows, chunks, counts, counts_at, stride):
+def _prefetch(module):
+    """LLVM's prefetch intrinsic (address, read 0 / write 1, locality 0–3, data 1) declared in ``module``."""
+    i8_ptr, i32 = ir.IntType(8).as_pointer(), ir.IntType(32)
+    fn_type = ir.FunctionType(ir.VoidType(), [i8_ptr, i32, i32, i32])
+    return module.globals.get("llvm.prefetch.p0i8") or ir.Function(module, fn_type, "llvm.prefetch.p0i8")
+
+
+def _bit_counts(typingctx, flat, offsets, first, rows, chunk_start, chunks, out):
     """Intrinsic: for the ``rows`` rows r (≤ 255) whose bytes start at flat[offsets[first + r]] and each whole
-    64-byte chunk c < ``chunks``: counts[counts_at + k·stride + 64c + m] += Σ_r bit k of byte 64c + m of row r.
+    64-byte chunk c in [chunk_start, chunk_start + chunks): out[8(64c + m) + k] += Σ_r bit k of byte 64c + m of
+    row r (int32 counters in the order of the weights).
 
     Per chunk, eight registers of eight 64-bit lanes count bit k of every byte of the chunk in byte lanes
-    (acc_k += (x >> k) & 0x0101…01 per row: a byte lane never carries up to 255 rows), then are widened to int32
-    and added to the counters.
+    (acc_k += (x >> k) & 0x0101…01 per row: a byte lane never carries up to 255 rows); then one shuffle puts the
+    512 byte counts in weight order (byte m of acc_k → weight 8m + k), and they are widened and added to ``out``.
     """
-    sig = numba.types.void(flat, offsets, numba.types.int64, numba.types.int64, numba.types.int64, counts,
-                           numba.types.int64, numba.types.int64)
+    sig = numba.types.void(flat, offsets, numba.types.int64, numba.types.int64, numba.types.int64,
+                           numba.types.int64, out)
 
     def codegen(context, builder, signature, args):
-        flat_a, offsets_a, counts_a = (context.make_array(signature.args[i])(context, builder, args[i])
-                                       for i in (0, 1, 5))
-        first, rows, chunks, counts_at, stride = args[2], args[3], args[4], args[6], args[7]
-        i64, i32 = ir.IntType(64), ir.IntType(32)
-        lanes_t, bytes_t, wide_t = ir.VectorType(i64, 8), ir.VectorType(ir.IntType(8), 64), ir.VectorType(i32, 64)
+        flat_a, offsets_a, out_a = (context.make_array(signature.args[i])(context, builder, args[i])
+                                    for i in (0, 1, 6))
+        first, rows, chunk_start, chunks = args[2], args[3], args[4], args[5]
+        i64, i32, i8 = ir.IntType(64), ir.IntType(32), ir.IntType(8)
+        lanes_t = ir.VectorType(i64, 8)
         const = lambda value: ir.Constant(i64, value)  # noqa: E731
         low_bits = ir.Constant(lanes_t, [ir.Constant(i64, _LANE_LOW_BITS)] * 8)
         zero = ir.Constant(lanes_t, None)
@@ -66,14 +77,17 @@ def _bit_counts(typingctx, flat, offsets, first, rows, chunks, counts, counts_at
                                      builder.icmp_signed(">", rows, const(0))), chunk_loop, done)
         builder.position_at_end(chunk_loop)
         c = builder.phi(i64)
-        c.add_incoming(const(0), entry)
+        c.add_incoming(chunk_start, entry)
         builder.branch(row_loop)
         builder.position_at_end(row_loop)
         r = builder.phi(i64)
         acc = [builder.phi(lanes_t) for _ in range(8)]
         start = builder.add(builder.load(builder.gep(offsets_a.data, [builder.add(first, r)])),
                             builder.mul(c, const(64)))
-        x = builder.load(builder.bitcast(builder.gep(flat_a.data, [start]), lanes_t.as_pointer()), align=1)
+        row_bytes = builder.gep(flat_a.data, [start])
+        x = builder.load(builder.bitcast(row_bytes, lanes_t.as_pointer()), align=1)
+        hint = [ir.Constant(i32, value) for value in (0, 3, 1)]  # read, keep in all caches, data
+        builder.call(_prefetch(builder.module), [builder.gep(row_bytes, [const(COUNT_PREFETCH)]), *hint])
         new = [builder.add(acc[k], builder.and_(builder.lshr(x, ir.Constant(lanes_t, [ir.Constant(i64, k)] * 8)),
                                                 low_bits)) for k in range(8)]
         next_r = builder.add(r, const(1))
@@ -84,14 +98,20 @@ def _bit_counts(typingctx, flat, offsets, first, rows, chunks, counts, counts_at
             acc[k].add_incoming(new[k], row_loop)
         builder.cbranch(builder.icmp_signed("<", next_r, rows), row_loop, flush)
         builder.position_at_end(flush)
-        for k in range(8):
-            at = builder.add(builder.add(counts_at, builder.mul(const(k), stride)), builder.mul(c, const(64)))
-            ptr = builder.bitcast(builder.gep(counts_a.data, [at]), wide_t.as_pointer())
-            widened = builder.zext(builder.bitcast(new[k], bytes_t), wide_t)
-            builder.store(builder.add(builder.load(ptr, align=4), widened), ptr, align=4)
+        parts = [builder.bitcast(v, ir.VectorType(i8, 64)) for v in new]  # parts[k][m]: bit k of byte m
+        while len(parts) > 1:  # concatenate: element 64k + m
+            width = parts[0].type.count
+            both = [ir.Constant(i32, i) for i in range(2 * width)]
+            parts = [builder.shuffle_vector(a, b, ir.Constant(ir.VectorType(i32, 2 * width), both))
+                     for a, b in zip(parts[::2], parts[1::2])]
+        order = ir.Constant(ir.VectorType(i32, 512), [ir.Constant(i32, (t % 8) * 64 + t // 8) for t in range(512)])
+        by_weight = builder.shuffle_vector(parts[0], ir.Constant(parts[0].type, None), order)
+        wide_t = ir.VectorType(i32, 512)
+        ptr = builder.bitcast(builder.gep(out_a.data, [builder.mul(c, const(512))]), wide_t.as_pointer())
+        builder.store(builder.add(builder.load(ptr, align=4), builder.zext(by_weight, wide_t)), ptr, align=4)
         next_c = builder.add(c, const(1))
         c.add_incoming(next_c, flush)
-        builder.cbranch(builder.icmp_signed("<", next_c, chunks), chunk_loop, done)
+        builder.cbranch(builder.icmp_signed("<", next_c, builder.add(chunk_start, chunks)), chunk_loop, done)
         builder.position_at_end(done)
         return context.get_dummy_value()
 
@@ -100,39 +120,31 @@ def _bit_counts(typingctx, flat, offsets, first, rows, chunks, counts, counts_at
 
 def _counts_kernel(packed: np.ndarray, rows: np.ndarray, out: np.ndarray,
                    threads: int) -> None:  # pragma: no cover (numba)
-    """out[8j + k] = Σ_{t ∈ rows} bit k of packed[t, j]. packed (T, n) uint8 C-contiguous, rows (r,) int64, out
+    """out[8j + k] += Σ_{t ∈ rows} bit k of packed[t, j]. packed (T, n) uint8 C-contiguous, rows (r,) int64, out
     (8n,) int32, threads: numba's thread count.
 
-    Each of the ``threads`` threads takes a run of groups of ``COUNT_ROWS`` rows and walks each group's rows side by side along their
-    length (:func:`_bit_counts`: sequential streams, one register per bit of a 64-byte chunk), into its own
-    counters (8, n); the tail bytes after the last whole chunk go bit by bit; then the threads' counters are
-    summed into ``out``.
+    Each of the ``threads`` threads takes a run of whole 64-byte chunks of the columns and walks groups of
+    ``COUNT_ROWS`` rows side by side along it (:func:`_bit_counts`: sequential streams, one register per bit of a
+    chunk), adding straight into its own part of ``out``; the last thread also counts the tail bytes after the
+    last whole chunk, bit by bit.
     """
     num_bytes = packed.shape[1]
     flat = packed.reshape(-1)
     offsets = rows * num_bytes
     num_rows = rows.shape[0]
     chunks = num_bytes // 64
-    groups = (num_rows + COUNT_ROWS - 1) // COUNT_ROWS
-    per_thread = (groups + threads - 1) // threads
-    counts = np.zeros(threads * 8 * num_bytes, np.int32)
+    per_thread = (chunks + threads - 1) // threads
     for h in numba.prange(threads):
-        at = h * 8 * num_bytes
-        for group in range(h * per_thread, min(groups, (h + 1) * per_thread)):
-            first = group * COUNT_ROWS
-            size = min(num_rows, first + COUNT_ROWS) - first
-            _bit_counts_of_rows(flat, offsets, first, size, chunks, counts, at, num_bytes)
-            for r in range(first, first + size):
+        start = min(chunks, h * per_thread)
+        count = min(chunks, start + per_thread) - start
+        for first in range(0, num_rows, COUNT_ROWS):
+            _bit_counts_of_rows(flat, offsets, first, min(num_rows, first + COUNT_ROWS) - first, start, count, out)
+        if h == threads - 1:
+            for r in range(num_rows):
                 for j in range(64 * chunks, num_bytes):
                     byte = flat[offsets[r] + j]
                     for k in range(8):
-                        counts[at + k * num_bytes + j] += (byte >> k) & 1
-    for j in numba.prange(num_bytes):
-        for k in range(8):
-            total = 0
-            for h in range(threads):
-                total += counts[h * 8 * num_bytes + k * num_bytes + j]
-            out[8 * j + k] = total
+                        out[8 * j + k] += (byte >> k) & 1
 
 
 def _masked_sums(num_rows: int):
@@ -171,6 +183,7 @@ def _masked_sums(num_rows: int):
                 row_sums = builder.gep(sums_a.data, [builder.mul(row, const(lanes))])
                 sum_p.append(builder.bitcast(row_sums, sum_t.as_pointer()))
             zero = ir.Constant(vec_t, None)
+            hint = [ir.Constant(ir.IntType(32), value) for value in (0, 3, 1)]  # read, keep in all caches, data
             entry = builder.block
             loop, done = builder.append_basic_block("masked_sums.loop"), builder.append_basic_block("masked_sums.done")
             builder.cbranch(builder.icmp_signed(">", words_i, const(0)), loop, done)
@@ -182,6 +195,9 @@ def _masked_sums(num_rows: int):
                 word = builder.add(i, const(u))
                 v = builder.load(builder.gep(vec_p, [word]), align=entry_bits // 8)
                 for r in range(num_rows):
+                    if u == 0:  # ask for the row's bytes DOT_PREFETCH ahead (a hint: never faults past the end)
+                        here = builder.bitcast(builder.gep(row_p[r], [word]), ir.IntType(8).as_pointer())
+                        builder.call(_prefetch(builder.module), [builder.gep(here, [const(DOT_PREFETCH)]), *hint])
                     mask = builder.bitcast(builder.load(builder.gep(row_p[r], [word]), align=1), mask_t)
                     new[r][u] = builder.select(mask, builder.fadd(acc[r][u], v), acc[r][u])  # acc += v where kept
             step = builder.add(i, const(DOT_UNROLL))

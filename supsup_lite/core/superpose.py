@@ -99,7 +99,7 @@ def mask_counts(packed: torch.Tensor, numel: int, rows: torch.Tensor | None = No
         return mask_counts_torch(packed, numel, rows)
     rows = _task_rows(packed.shape[0], rows)
     counts_kernel, _ = cpu_kernels.compiled()
-    out = torch.empty(8 * packed.shape[1], dtype=torch.int32)
+    out = torch.zeros(8 * packed.shape[1], dtype=torch.int32)
     threads = cpu_kernels.use_threads()
     counts_kernel(packed.contiguous().numpy(), rows.cpu().numpy(), out.numpy(), threads)
     return out[:numel]
