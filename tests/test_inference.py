@@ -4,6 +4,7 @@ import pytest
 import torch
 from torch import nn
 
+import supsup_lite.core.superpose as sp
 from supsup_lite.core.inference import (alpha_gradient, alpha_gradient_each, binary_search, binary_search_each,
                                         binary_search_step, entropy, gradient_on_rows, is_fully_connected, one_shot,
                                         one_shot_each, superfluous_logsumexp, uniform_alphas)
@@ -116,10 +117,18 @@ def reference_gradient(model, bank, x, alphas, objective=entropy):
     return value.detach(), grad
 
 
-@pytest.mark.parametrize("tasks", [3, 30], ids=["dense path", "kernel path"])
+def take_path(path: str, device: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """'dense': every bank is unpacked to floats; 'kernel': the default threshold, below the banks used here."""
+    if path == "dense":
+        monkeypatch.setattr(sp, "DENSE_MAX_TASKS", {"cpu": 10**9, "cuda": 10**9})
+    else:
+        assert dense_max_tasks(torch.device(device)) < 30
+
+
+@pytest.mark.parametrize("tasks, path", [(3, "dense"), (30, "kernel")], ids=["dense path", "kernel path"])
 @pytest.mark.parametrize("objective", [entropy, g_objective])
-def test_alpha_gradient_equals_autograd_through_the_float_stack(tasks, objective, device):
-    assert (tasks > dense_max_tasks(device)) == (tasks == 30)  # 30 masks: counts + byte tables; 3: unpacked floats
+def test_alpha_gradient_equals_autograd_through_the_float_stack(tasks, path, objective, device, monkeypatch):
+    take_path(path, device, monkeypatch)  # 30 masks: counts + masked adds (CPU) or byte tables (CUDA)
     model, bank = random_bank(tasks, seed=7, device=device)
     model = model.double()  # float64 throughout: the kernels must match the reference to float64 rounding
     x = torch.randn(16, 784, generator=torch.Generator().manual_seed(8), dtype=torch.float64).to(device)
@@ -136,9 +145,9 @@ def test_alpha_gradient_equals_autograd_through_the_float_stack(tasks, objective
         torch.testing.assert_close(on_rows, grad[rows])
 
 
-@pytest.mark.parametrize("tasks", [3, 40], ids=["dense path", "kernel path"])
-def test_one_shot_and_binary_search_equal_the_float_stack_search(tasks, device):
-    assert (tasks > dense_max_tasks(device)) == (tasks == 40)
+@pytest.mark.parametrize("tasks, path", [(3, "dense"), (40, "kernel")], ids=["dense path", "kernel path"])
+def test_one_shot_and_binary_search_equal_the_float_stack_search(tasks, path, device, monkeypatch):
+    take_path(path, device, monkeypatch)
     model, bank = random_bank(tasks, seed=10, device=device)
     x = torch.randn(8, 784, generator=torch.Generator().manual_seed(11)).to(device)
     assert one_shot(model, bank, x) == int(reference_gradient(model, bank, x, uniform_alphas(bank))[1].argmin())

@@ -37,9 +37,10 @@ ROWS_PER_COUNT = 127   # rows summed in one int64 pass: 127 · 1 per byte lane n
 COLUMN_BLOCK = 4096    # packed bytes per block in the count (a multiple of 8)
 TABLE_BLOCK = 256      # packed bytes per block in the gradient (table: 256 × 256 values)
 GATHER_ROWS = 4096     # tasks per block in the gradient
-# up to this many masks, unpacking them to floats is cheaper than the kernels (CPU, LeNet 300-100: the numba
-# gradient costs ~1.5 ms + 0.014 ms per mask, unpacking ~0.3 ms per mask; CUDA: one launch unpacks them all)
-DENSE_MAX_TASKS = {"cpu": 4, "cuda": 24}
+# up to this many masks, unpacking them to floats is as cheap as the kernels. CPU: only one mask (LeNet's 784 × 300
+# layer, 2 threads: a dot product takes the kernel 0.03 ms for 1 mask and 0.06 ms for 8, unpacking 0.06 ms per
+# mask; the count ties with unpacking at 2 masks and wins from 3). CUDA: one launch unpacks up to 24 at once.
+DENSE_MAX_TASKS = {"cpu": 1, "cuda": 24}
 UNIFORM_CACHE_SIZE = 4  # task-prefix lengths whose counts are cached per bank (each: P int32 per parameter)
 _LANE_LOW_BITS = 0x0101010101010101  # bit 0 of each byte of an int64
 
