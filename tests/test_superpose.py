@@ -245,12 +245,18 @@ print(torch.get_num_threads(), numba.get_num_threads())
     assert done.returncode == 0 and done.stdout.split() == ["1", "1"], (done.stdout, done.stderr[-2000:])
 
 
-def test_dot_products_ignore_padding_bits_and_reject_a_vector_of_the_wrong_length():
+def test_dot_products_ignore_padding_bits_and_both_kernels_reject_mismatched_sizes():
     numel = 8 * 700 + 3
     packed = random_packed(40, numel, seed=4)
     reference = unpack_bits(packed, numel, torch.float64)
     packed[:, -1] |= 0b11111000  # set the five padding bits after the last weight
     vector = torch.randn(numel, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
     torch.testing.assert_close(masks_dot(packed, numel, vector), reference @ vector)
-    with pytest.raises(ValueError, match=r"a vector of shape \(5603,\); got 701 bytes and a vector of shape \(5602,\)"):
+    with pytest.raises(ValueError, match=r"floating tensor of shape \(5603,\), one entry per weight; got "
+                                         r"torch.float64 \(5602,\)"):
         masks_dot(packed, numel, vector[:-1])
+    with pytest.raises(ValueError, match=r"floating tensor .* got torch.int64 \(5603,\)"):
+        masks_dot(packed, numel, torch.ones(numel, dtype=torch.int64))
+    for wrong in (masks_dot, mask_counts):  # a bank of another layer's size
+        with pytest.raises(ValueError, match=r"701 bytes per mask cannot hold exactly 5700 bits \(expected 713\)"):
+            wrong(packed, 5700, *([vector] if wrong is masks_dot else []))

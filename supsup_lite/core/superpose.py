@@ -89,6 +89,15 @@ def _task_rows(num_rows: int, rows: torch.Tensor | None) -> torch.Tensor:
     return rows
 
 
+def check_packed(packed: torch.Tensor, numel: int) -> None:
+    """Raise a clear error unless ``packed`` is a 2-d uint8 tensor (T, ⌈numel/8⌉): T masks of ``numel`` bits."""
+    if packed.dtype != torch.uint8 or packed.dim() != 2:
+        raise TypeError(f"packed masks must be a 2-d uint8 tensor (T, ⌈P/8⌉), got {packed.dtype} {tuple(packed.shape)}")
+    if packed.shape[1] != packed_size(numel):
+        raise ValueError(f"{packed.shape[1]} bytes per mask cannot hold exactly {numel} bits "
+                         f"(expected {packed_size(numel)})")
+
+
 # --- the two passes --------------------------------------------------------------------------------------------
 def mask_counts(packed: torch.Tensor, numel: int, rows: torch.Tensor | None = None) -> torch.Tensor:
     """Per-weight number of selected masks that keep it: Σ_{t ∈ rows} M_t, exact, as int32 (P,).
@@ -96,6 +105,7 @@ def mask_counts(packed: torch.Tensor, numel: int, rows: torch.Tensor | None = No
     packed: (T, ⌈P/8⌉) uint8; rows: (k,) int64 task indices (default: all). CPU: numba kernel; CUDA:
     :func:`mask_counts_torch`.
     """
+    check_packed(packed, numel)
     if packed.device.type != "cpu":
         return mask_counts_torch(packed, numel, rows)
     rows = _task_rows(packed.shape[0], rows)
@@ -135,10 +145,11 @@ def masks_dot(packed: torch.Tensor, numel: int, vector: torch.Tensor, rows: torc
     summed in float32); CUDA: byte tables (:func:`masks_dot_torch`). Up to ``DENSE_MAX_TASKS`` rows are
     unpacked instead.
     """
+    check_packed(packed, numel)
+    if vector.shape != (numel,) or not vector.is_floating_point():
+        raise ValueError(f"the vector must be a floating tensor of shape ({numel},), one entry per weight; got "
+                         f"{vector.dtype} {tuple(vector.shape)}")
     num_rows, num_bytes = packed.shape
-    if num_bytes != packed_size(numel) or vector.shape != (numel,):
-        raise ValueError(f"masks of {numel} weights need {packed_size(numel)} bytes per mask and a vector of shape "
-                         f"({numel},); got {num_bytes} bytes and a vector of shape {tuple(vector.shape)}")
     if (num_rows if rows is None else rows.numel()) <= dense_max_tasks(packed.device):
         selected = packed if rows is None else packed.index_select(0, rows.to(packed.device))
         return unpack_float(selected, numel, vector.dtype) @ vector
@@ -220,11 +231,7 @@ def superposed_mask(packed: torch.Tensor, numel: int, alphas: torch.Tensor, *,
     ``counts``: Σ_t M_t over the tasks where α ≠ 0 (P,) when α is one value there (:func:`uniform_counts`),
     so the forward is one scaling.
     """
-    if packed.dtype != torch.uint8 or packed.dim() != 2:
-        raise TypeError(f"packed masks must be a 2-d uint8 tensor (T, ⌈P/8⌉), got {packed.dtype} {tuple(packed.shape)}")
-    if packed.shape[1] != packed_size(numel):
-        raise ValueError(f"{packed.shape[1]} bytes per mask cannot hold exactly {numel} bits "
-                         f"(expected {packed_size(numel)})")
+    check_packed(packed, numel)
     if alphas.shape != (packed.shape[0],) or not alphas.is_floating_point():
         raise ValueError(f"alphas must be a floating tensor of shape ({packed.shape[0]},), one per mask; "
                          f"got {alphas.dtype} {tuple(alphas.shape)}")

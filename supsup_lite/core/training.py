@@ -178,16 +178,13 @@ def task_losses_and_logit_gradient(logits: torch.Tensor, y: torch.Tensor, valid:
     ``classes`` logits (the others get 0): the log-softmax backward of the per-example weights −w_b at the labels.
     """
     k, b = y.shape
+    losses = task_losses(logits, y, valid, classes=classes)
     used = logits if classes is None else logits[..., :classes]
     log_probs = torch.log_softmax(used.reshape(k * b, -1), 1)
-    ce = -log_probs.gather(1, y.reshape(-1, 1)).view(k, b)
-    if valid is None:
-        losses = ce.mean(1)
+    if valid is None:  # the per-example weights of the mean in task_losses, as its backward computes them
         weight = torch.ones(k, b, dtype=log_probs.dtype, device=log_probs.device) / b
     else:
-        count = valid.sum(1).clamp(min=1.0)
-        losses = (ce * valid).sum(1) / count
-        weight = (1.0 / count).unsqueeze(1) * valid
+        weight = (1.0 / valid.sum(1).clamp(min=1.0)).unsqueeze(1) * valid
     upstream = torch.zeros_like(log_probs).scatter_(1, y.reshape(-1, 1), -weight.reshape(-1, 1))
     grad = torch._log_softmax_backward_data(upstream, log_probs, 1, log_probs.dtype).view(k, b, -1)
     if classes is None:
